@@ -1,0 +1,5 @@
+import sys
+
+from spr.cli import main
+
+sys.exit(main())
