@@ -10,11 +10,13 @@ from __future__ import annotations
 from spr._impl import IMPL
 from spr._version import __version__
 from spr.errors import ConfigError, InvalidEvent, ServerUnavailable, SprError
+from spr.producer import Producer
 
 __all__ = [
     "IMPL",
     "ConfigError",
     "InvalidEvent",
+    "Producer",
     "ServerUnavailable",
     "SprError",
     "__version__",

@@ -21,6 +21,13 @@ from spr.errors import SprError
 # Modules that contribute sub-commands, in the order ``spr --help`` lists them.
 _COMMAND_MODULES = (
     "spr.devstack",
+    "spr.routing",
+    "spr.loadgen",
+    "spr.dlq",
+    "spr.run",
+    "spr.lag",
+    "spr.replay",
+    "spr.plan",
 )
 
 

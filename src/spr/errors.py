@@ -9,7 +9,9 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DeadLetterUnavailable",
     "InvalidEvent",
+    "ProducerError",
     "ServerUnavailable",
     "SprError",
     "ToolMissing",
@@ -42,3 +44,30 @@ class InvalidEvent(SprError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ProducerError(SprError):
+    """Kafka refused or failed to deliver messages that spr was asked to produce.
+
+    ``failed`` is how many messages failed since the last report; ``first_error`` is
+    librdkafka's description of the first of them. Messages are never dropped silently:
+    every delivery failure is counted and reported through this error.
+    """
+
+    def __init__(self, message: str, *, failed: int = 0, first_error: str = "") -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.first_error = first_error
+
+
+class DeadLetterUnavailable(SprError):
+    """A dead letter could not be written to, or acknowledged by, its dead-letter topic.
+
+    Consumption must stop: an offset is never committed past an event that was neither
+    applied nor dead-lettered (design §6). ``failed`` counts the dead letters that were
+    not acknowledged.
+    """
+
+    def __init__(self, message: str, *, failed: int = 0) -> None:
+        super().__init__(message)
+        self.failed = failed
