@@ -7,8 +7,11 @@ can both import it without a cycle through :mod:`spr._impl`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import msgspec
+
+from spr.errors import ConfigError
 
 __all__ = [
     "COLUMN_TYPES",
@@ -50,9 +53,9 @@ class DecodeLimits:
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1:
-            raise ValueError(f"max_bytes must be at least 1, got {self.max_bytes}")
+            raise ConfigError(f"max_bytes must be at least 1, got {self.max_bytes}")
         if self.max_depth < 1:
-            raise ValueError(f"max_depth must be at least 1, got {self.max_depth}")
+            raise ConfigError(f"max_depth must be at least 1, got {self.max_depth}")
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -82,3 +85,110 @@ COLUMN_TYPES: dict[str, str] = {
     "kafka_partition": "integer",
     "kafka_offset": "bigint",
 }
+
+
+# -- decoding helpers shared by both cores --------------------------------------------
+
+MAX_INT64 = 2**63 - 1
+# 9999-12-31T23:59:59.999Z: the last instant a Python datetime can hold.
+MAX_TIMESTAMP_MS = 253_402_300_799_999
+
+_Sequence = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
+_Timestamp = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIMESTAMP_MS)]
+
+
+class CanonicalEvent(msgspec.Struct, gc=False):
+    """The canonical spellings only: what a well-behaved producer writes.
+
+    Decoding into this is as fast as a plain msgspec decode. It is tried first when a
+    value starts with a canonical key; if any of its fields is missing the value is
+    decoded again as a :class:`RawEvent`. A JSON ``null`` counts as missing.
+    """
+
+    event_id: str | None = None
+    entity_type: str | None = None
+    entity_id: str | None = None
+    sequence: _Sequence | None = None
+    state: str | None = None
+    timestamp: _Timestamp | None = None
+
+
+class RawEvent(msgspec.Struct, gc=False):
+    """Every accepted spelling of every field, each optional; unknown keys are skipped.
+
+    The canonical spellings are typed, so a wrong type there is reported by msgspec. The
+    other spellings are decoded as any JSON value and checked only when one is actually
+    used (the first present one, in the order of design §2, after the canonical one), so
+    a spelling that loses is never an error: ``{"entity_type": "order", "type": 3}`` is
+    valid in every decoding path.
+    """
+
+    event_id: str | None = None
+    entity_type: str | None = None
+    entity_id: str | None = None
+    sequence: _Sequence | None = None
+    state: str | None = None
+    timestamp: _Timestamp | None = None
+    eventId: Any = None
+    entityType: Any = None
+    entityId: Any = None
+    seq: Any = None
+    status: Any = None
+    ts: Any = None
+    id: Any = None
+    type: Any = None
+    event_type: Any = None
+
+
+CANONICAL_DECODER = msgspec.json.Decoder(CanonicalEvent)
+RAW_DECODER = msgspec.json.Decoder(RawEvent)
+# Values that start like this are tried with the canonical decoder first.
+CANONICAL_PREFIXES = (b'{"event_id"', b'{"entity_type"')
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+REASON_NULL = "value is null (a tombstone), not an event"
+REASON_EMPTY = "value is empty"
+REASON_NOT_BYTES = "value is not bytes"
+REASON_BOM = "value starts with a UTF-8 byte order mark"
+REASON_NOT_UTF8 = "value is not valid UTF-8"
+REASON_MISSING_TYPE = "missing entity_type (entity_type, entityType, type or event_type)"
+REASON_MISSING_ID = "missing entity_id (entity_id or entityId)"
+REASON_MISSING_STATE = "missing state (state or status)"
+REASON_EMPTY_TYPE = "entity_type is empty"
+REASON_EMPTY_ID = "entity_id is empty"
+REASON_EMPTY_STATE = "state is empty"
+
+
+def reason_too_big(size: int, limit: int) -> str:
+    return f"value is {size} bytes, over the limit of {limit}"
+
+
+def reason_too_deep(limit: int) -> str:
+    return f"value nests arrays or objects deeper than the limit of {limit}"
+
+
+_JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+_JSON_TYPE_NAMES |= {list: "an array", dict: "an object"}
+
+
+def reason_alias_type(spelling: str, expected: str, value: object) -> str:
+    got = _JSON_TYPE_NAMES.get(type(value), "another value")
+    if type(value) is int:
+        got = f"the integer {value}"
+    return f"wrong field type: `{spelling}` must be {expected}, got {got}"
+
+
+EXPECT_STRING = "a string"
+EXPECT_SEQUENCE = f"an integer from 0 to {MAX_INT64}"
+EXPECT_TIMESTAMP = f"an integer from 0 to {MAX_TIMESTAMP_MS} (epoch ms)"
+
+
+def reason_from_msgspec(exc: Exception) -> str:
+    """Turn a msgspec error into a one-line reason (the message names the JSON path)."""
+    message = str(exc)
+    if isinstance(exc, msgspec.ValidationError):
+        if message.startswith("Expected `object`"):
+            return f"not a JSON object: {message}"
+        return f"wrong field type: {message}"
+    return f"not valid JSON: {message}"

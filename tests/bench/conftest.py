@@ -1,0 +1,62 @@
+"""pytest-benchmark suite of the core: every group runs the compiled core, the pure twin
+and (where the issue names one) a baseline, then the summary prints per-item ratios.
+
+Run: ``python -m pytest tests/bench --benchmark-only -q``. Sizes are scaled down so the
+suite takes well under a minute; ``python -m benchmarks.ratios`` runs the full sizes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+# (group, implementation) -> best seconds per item
+RESULTS: dict[tuple[str, str], float] = {}
+
+TARGETS = {
+    "routing": [("python", 5.0)],
+    "ring": [("python", 20.0), ("dict", 10.0)],
+    "decode": [("bare-msgspec", 0.7)],
+    "batch": [("python", 5.0)],
+}
+
+
+Recorder = Callable[[Any, str, str, int], None]
+
+
+def _record(benchmark: Any, group: str, impl: str, items: int) -> None:
+    RESULTS[(group, impl)] = benchmark.stats.stats.min / items
+
+
+@pytest.fixture
+def record() -> Recorder:
+    """``record(benchmark, group, impl, items)`` files a result for the ratio summary."""
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not RESULTS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("compiled vs others, per item (best round):")
+    for group, targets in TARGETS.items():
+        fast = RESULTS.get((group, "compiled"))
+        if fast is None:
+            continue
+        for other, target in targets:
+            slow = RESULTS.get((group, other))
+            if slow is None:
+                continue
+            ratio = slow / fast
+            verdict = "meets" if ratio >= target else "MISSES"
+            write(
+                f"  {group:<8} compiled {fast * 1e9:8.1f} ns  {other:<13} {slow * 1e9:8.1f} ns"
+                f"  ratio {ratio:6.3f}x  (target {target}x: {verdict})"
+            )

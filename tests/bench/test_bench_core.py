@@ -1,0 +1,84 @@
+"""Benchmarks of the hot paths; see conftest.py for the ratio summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from benchmarks import workloads as w
+
+COMPILED = pytest.param(
+    "compiled",
+    marks=pytest.mark.skipif("compiled" not in w.IMPLEMENTATIONS, reason="not built"),
+)
+# The pure twin runs on a tenth of the items; results are compared per item.
+SIZES = {"compiled": 1.0, "python": 0.1}
+
+
+def _n(base: int, impl: str) -> int:
+    return max(1, int(base * SIZES.get(impl, 1.0)))
+
+
+@pytest.mark.parametrize("impl", [COMPILED, "python"])
+def test_routing(benchmark: Any, impl: str, record: Any) -> None:
+    n = _n(200_000, impl)
+    keys = w.routing_keys(n)
+    core = w.IMPLEMENTATIONS[impl]
+    benchmark.pedantic(core.route_many, (keys, 12), rounds=3, iterations=1)
+    record(benchmark, "routing", impl, n)
+
+
+@pytest.mark.parametrize("impl", [COMPILED, "python", "dict"])
+def test_ring(benchmark: Any, impl: str, record: Any) -> None:
+    n = {"compiled": 2_000_000, "python": 100_000, "dict": 1_000_000}[impl]
+    fps = w.fingerprints(n)
+    if impl == "dict":
+        fps_list = fps.tolist()
+        benchmark.pedantic(
+            lambda: w.dict_cache_seen_or_add(fps_list, 1000, {}), rounds=3, iterations=1
+        )
+    else:
+        ring = w.IMPLEMENTATIONS[impl].IdempotencyRing(w.RING_CAPACITY, w.RING_TTL_MS)
+
+        def run() -> None:
+            ring.clear()
+            ring.seen_or_add_many(fps, 1000)
+
+        benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    record(benchmark, "ring", impl, n)
+
+
+@pytest.mark.parametrize("impl", [COMPILED, "python", "bare-msgspec"])
+def test_decode(benchmark: Any, impl: str, record: Any) -> None:
+    n = _n(200_000, impl)
+    values = w.event_values(n)
+    if impl == "bare-msgspec":
+        benchmark.pedantic(w.bare_decode, (values,), rounds=5, iterations=1)
+    else:
+        core = w.IMPLEMENTATIONS[impl]
+        offsets, stamps = list(range(n)), [0] * n
+        benchmark.pedantic(core.decode_batch, (values, offsets, stamps), rounds=5, iterations=1)
+    record(benchmark, "decode", impl, n)
+
+
+@pytest.mark.parametrize("impl", [COMPILED, "python"])
+def test_batch(benchmark: Any, impl: str, record: Any) -> None:
+    # Flush-sized batches of events decoded just before, as the engine assembles them.
+    n = _n(200_000, impl)
+    chunk = 10_000
+    values = w.event_values(n)
+    core = w.IMPLEMENTATIONS[impl]
+    compiled_or_twin = w.IMPLEMENTATIONS.get("compiled", core)
+    chunks = [
+        compiled_or_twin.decode_batch(
+            values[i : i + chunk], range(i, i + chunk), [0] * len(values[i : i + chunk])
+        )[0]
+        for i in range(0, n, chunk)
+    ]
+
+    def run() -> None:
+        for events in chunks:
+            w.assemble(core, events)
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    record(benchmark, "batch", impl, n)
