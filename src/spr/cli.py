@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stateful Partition Routing: Kafka entity state changes into "
         "exactly-once, ordered state in PostgreSQL.",
     )
-    parser.add_argument(
-        "--version", action="version", version=f"spr {__version__} ({IMPL})"
-    )
+    parser.add_argument("--version", action="version", version=f"spr {__version__} ({IMPL})")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -7,6 +7,7 @@ skip: a stack that cannot start is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -63,8 +64,10 @@ def make_topic(admin: AdminClient) -> Iterator[Callable[..., str]]:
         # Wait until metadata shows every partition with a leader.
         for _ in range(100):
             md = admin.list_topics(name, timeout=5).topics[name]
-            if md.error is None and len(md.partitions) == partitions and all(
-                p.leader >= 0 for p in md.partitions.values()
+            if (
+                md.error is None
+                and len(md.partitions) == partitions
+                and all(p.leader >= 0 for p in md.partitions.values())
             ):
                 break
         return name
@@ -72,10 +75,9 @@ def make_topic(admin: AdminClient) -> Iterator[Callable[..., str]]:
     yield _make
     if created:
         for future in admin.delete_topics(created, operation_timeout=30).values():
-            try:
+            # Deleting is cleanup; a failure must not hide the test's own result.
+            with contextlib.suppress(Exception):
                 future.result(timeout=30)
-            except Exception:  # deleting is cleanup; a failure must not hide the test's result
-                pass
 
 
 @pytest.fixture

@@ -87,6 +87,6 @@ def test_kafka_that_dies_during_start_up_reports_the_end_of_its_log(tmp_path: Pa
     stack.paths.kafka_log.write_text("INFO starting\nERROR Invalid cluster.id in meta.properties\n")
     finished = subprocess.Popen(["true"])
     finished.wait()
-    with pytest.raises(ServerUnavailable, match="Invalid cluster.id") as info:
+    with pytest.raises(ServerUnavailable, match=r"Invalid cluster\.id") as info:
         stack._wait_kafka(finished.pid)
     assert "Kafka exited during start-up" in str(info.value)
