@@ -28,6 +28,7 @@ _COMMAND_MODULES = (
     "spr.lag",
     "spr.replay",
     "spr.plan",
+    "spr.bench",
 )
 
 

@@ -1,0 +1,839 @@
+"""``spr bench``: produce once, run every contender on the same events, verify, report.
+
+:func:`run_bench` blocks for the whole benchmark and returns the report document (the
+``--json`` content). Each contender runs in a process of its own (``spr.bench.worker``,
+or the Quix venv's python) with its own consumer group and its own fresh table, one
+after the other, so that they never compete for the 2 cores. Everything the bench
+creates (topics, tables, consumer groups, temporary files) is removed at the end,
+unless ``keep`` is set.
+
+Measurement rules, the same for every contender:
+
+* events/s = events / (time the last of them was durable - time the first was received):
+  start-up and group joins are excluded, the final commit is included;
+* peak RSS = the contender process's own ``ru_maxrss`` (read by itself at exit); the
+  harness also samples RSS every 0.2 s as a cross-check (``rss_sampled_mb``);
+* latency (``--rate`` / the latency phase) = database commit time (wall clock, taken by
+  spr's flush thread right after COMMIT returns) - broker timestamp of the event (the
+  latency topic uses ``LogAppendTime``, so it is the broker's append time, 1 ms
+  resolution), for every event, charged to the first commit whose offsets cover it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spr.bench import report
+from spr.bench.verify import Verification, compare, expected_from_topic, fetch_rows
+from spr.errors import ConfigError, ServerUnavailable
+
+__all__ = ["CONTENDERS", "SKIPPABLE", "BenchOptions", "run_bench"]
+
+#: Contenders in the order they run and appear in the report.
+CONTENDERS = ("raw_consume", "spr", "copy_merge", "arroyo", "quix", "antipattern")
+#: Names accepted by ``--skip`` (``ceilings`` means both ceilings).
+SKIPPABLE = ("raw_consume", "copy_merge", "ceilings", "arroyo", "quix", "antipattern", "latency")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    """What to run. Frozen and validated on construction (raises ConfigError).
+
+    ``latency_only`` runs just the latency mode at ``latency_rate`` events/s for
+    ``latency_seconds`` (``spr bench --rate R``); otherwise the full comparison runs,
+    followed by the latency phase unless ``"latency"`` is in ``skip``.
+    """
+
+    bootstrap: str
+    dsn: str
+    events: int = 1_000_000
+    entities: int = 100_000
+    partitions: int = 12
+    duplicates: float = 0.05
+    stale: float = 0.02
+    value_size: int = 200
+    seed: int = 0
+    workers: int = 1
+    skip: frozenset[str] = frozenset()
+    latency_only: bool = False
+    latency_rate: float = 10_000.0
+    latency_seconds: float = 10.0
+    antipattern_events: int = 10_000
+    batch_max_rows: int | None = None
+    batch_max_age_ms: int | None = None
+    keep: bool = False
+    contender_timeout_s: float | None = None
+    quix_build_timeout_s: float = 600.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("events", "entities", "partitions", "workers", "antipattern_events"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.latency_rate <= 0 or self.latency_seconds <= 0:
+            raise ConfigError("the latency rate and duration must be positive")
+        unknown = set(self.skip) - set(SKIPPABLE)
+        if unknown:
+            raise ConfigError(
+                f"cannot skip {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}"
+            )
+        for name in ("batch_max_rows", "batch_max_age_ms"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be positive, got {value}")
+
+    def skips(self, name: str) -> bool:
+        if name in self.skip:
+            return True
+        return name in ("raw_consume", "copy_merge") and "ceilings" in self.skip
+
+    @property
+    def batch(self) -> dict[str, int]:
+        batch: dict[str, int] = {}
+        if self.batch_max_rows is not None:
+            batch["max_rows"] = self.batch_max_rows
+        if self.batch_max_age_ms is not None:
+            batch["max_age_ms"] = self.batch_max_age_ms
+        return batch
+
+    @property
+    def max_rows(self) -> int:
+        from spr.config import BatchPolicy
+
+        return self.batch_max_rows or BatchPolicy().max_rows
+
+
+# ------------------------------------------------------------------------ processes
+
+
+def _rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Child:
+    """One contender process: its result file, and an RSS sampler thread."""
+
+    def __init__(self, argv: list[str], out: Path, log: Path) -> None:
+        self.out = out
+        self.log = log
+        self.peak_sampled = 0
+        with open(log, "wb") as stderr:
+            self.process = subprocess.Popen(argv, stdout=stderr, stderr=stderr)
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        while self.process.poll() is None:
+            rss = _rss_bytes(self.process.pid)
+            if rss is not None and rss > self.peak_sampled:
+                self.peak_sampled = rss
+            time.sleep(0.2)
+
+    def wait(self, timeout_s: float) -> dict[str, Any]:
+        """The process's result; kills it after ``timeout_s`` (result then says so)."""
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            if not self.out.exists():
+                return {"error": f"timed out after {timeout_s:.0f} s", "log": self.tail()}
+        self._sampler.join(timeout=1.0)
+        if not self.out.exists():
+            return {
+                "error": f"exited {self.process.returncode} without a result",
+                "log": self.tail(),
+            }
+        result: dict[str, Any] = json.loads(self.out.read_text())
+        if "error" in result:
+            result["log"] = self.tail()
+        result["rss_sampled_bytes"] = self.peak_sampled
+        return result
+
+    def tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+class _Workspace:
+    """Names, temporary files and the clean-up of one bench run."""
+
+    def __init__(self, options: BenchOptions, progress: Progress) -> None:
+        self.options = options
+        self.progress = progress
+        self.run_id = f"{time.strftime('%H%M%S')}_{uuid.uuid4().hex[:6]}"
+        self.tmp = Path(tempfile.mkdtemp(prefix="spr-bench-"))
+        self.topics: list[str] = []
+        self.tables: list[str] = []
+        self.groups: list[str] = []
+        self.offsets_table = self.name("offsets")
+        self.tables.append(self.offsets_table)
+        self._admin: Any = None
+
+    def name(self, what: str) -> str:
+        return f"spr_bench_{self.run_id}_{what}"
+
+    def group(self, what: str) -> str:
+        group = self.name(what)
+        self.groups.append(group)
+        return group
+
+    def table(self, what: str) -> str:
+        table = self.name(what)
+        self.tables.append(table)
+        return table
+
+    @property
+    def admin(self) -> Any:
+        if self._admin is None:
+            from confluent_kafka.admin import AdminClient
+
+            self._admin = AdminClient({"bootstrap.servers": self.options.bootstrap})
+        return self._admin
+
+    def create_topic(self, what: str, config: dict[str, str] | None = None) -> str:
+        from confluent_kafka import KafkaException
+        from confluent_kafka.cimpl import NewTopic
+
+        topic = self.name(what)
+        futures = self.admin.create_topics(
+            [NewTopic(topic, num_partitions=self.options.partitions, config=config or {})],
+            operation_timeout=30,
+        )
+        try:
+            futures[topic].result(timeout=30)
+        except KafkaException as exc:
+            raise ServerUnavailable(f"cannot create topic {topic}: {exc}") from None
+        self.topics.append(topic)
+        from spr.loadgen import ensure_topic
+
+        ensure_topic(self.options.bootstrap, topic, self.options.partitions)
+        return topic
+
+    def launch(self, kind: str, label: str, **kwargs: Any) -> _Child:
+        args = self.tmp / f"{label}.args.json"
+        args.write_text(json.dumps(kwargs))
+        out = self.tmp / f"{label}.result.json"
+        argv = [sys.executable, "-m", "spr.bench.worker", kind, str(args), str(out)]
+        return _Child(argv, out, self.tmp / f"{label}.log")
+
+    def create_state_table(self, what: str) -> str:
+        from spr.config import TableMapping
+        from spr.sink.postgres import PostgresSink
+
+        table = self.table(what)
+        mapping = TableMapping(table=table, offsets_table=self.offsets_table)
+        with PostgresSink(self.options.dsn, mapping=mapping) as sink:
+            sink.init_schema()
+        return table
+
+    def drop_table(self, table: str) -> None:
+        if self.options.keep:
+            return
+        import psycopg
+        from psycopg import sql
+
+        try:
+            with psycopg.connect(self.options.dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+        except psycopg.Error as exc:
+            self.progress(f"could not drop table {table}: {exc}")
+
+    def cleanup(self) -> None:
+        if self.options.keep:
+            self.progress(f"kept topics {self.topics}, tables {self.tables}, files {self.tmp}")
+            return
+        for table in self.tables:
+            self.drop_table(table)
+        try:
+            if self.topics:
+                for future in self.admin.delete_topics(self.topics, operation_timeout=30).values():
+                    future.result(timeout=30)
+            if self.groups:
+                futures = self.admin.delete_consumer_groups(self.groups, request_timeout=10)
+                for future in futures.values():
+                    # A group that never committed does not exist.
+                    with contextlib.suppress(Exception):
+                        future.result(timeout=10)
+        except Exception as exc:
+            self.progress(f"clean-up of topics/groups incomplete: {exc}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _watermarks(
+    bootstrap: str, topic: str, partitions: int
+) -> tuple[dict[int, int], dict[int, int]]:
+    """(low, high) watermark offsets of every partition of ``topic``."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "spr-bench-watermarks"})
+    try:
+        low: dict[int, int] = {}
+        high: dict[int, int] = {}
+        for p in range(partitions):
+            lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            low[p], high[p] = int(lo), int(hi)
+        return low, high
+    finally:
+        consumer.close()
+
+
+def _broker_timestamps(
+    bootstrap: str, topic: str, low: Mapping[int, int], high: Mapping[int, int]
+) -> dict[int, list[int]]:
+    """Every message's broker timestamp, per partition, indexed by offset - low."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    stamps: dict[int, list[int]] = {p: [] for p in low}
+    remaining = {p for p in low if high[p] > low[p]}
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "spr-bench-timestamps",
+         "enable.auto.commit": "false"}
+    )  # fmt: skip
+    consumer.assign([TopicPartition(topic, p, low[p]) for p in remaining])
+    deadline = time.monotonic() + 120
+    try:
+        while remaining and time.monotonic() < deadline:
+            messages: list[Any] = consumer.consume(10_000, 0.5)
+            for m in messages:
+                if m.error() is not None:
+                    continue
+                p = m.partition()
+                stamps[p].append(m.timestamp()[1])
+                if m.offset() + 1 >= high[p]:
+                    remaining.discard(p)
+    finally:
+        consumer.close()
+    return stamps
+
+
+# ------------------------------------------------------------------------ contenders
+
+
+def _summarise(
+    result: Mapping[str, Any],
+    total: int,
+    verification: Verification | None,
+    timeline: list[tuple[float, int]] | None = None,
+) -> dict[str, Any]:
+    """The report entry of one contender from its worker result."""
+    if "error" in result:
+        entry: dict[str, Any] = {"status": "error", "reason": result["error"]}
+        if result.get("log"):
+            entry["log"] = result["log"]
+        return entry
+    timeline = timeline if timeline is not None else [(t, n) for t, n in result["timeline"]]
+    first = result.get("first_s")
+    rate = report.throughput(timeline, total, first)
+    end = report.done_time(timeline, total)
+    entry = {
+        "status": "ok",
+        "events": total,
+        "events_per_s": None if rate is None else round(rate, 1),
+        "seconds": None if end is None or first is None else round(end - first, 3),
+        "peak_rss_mb": round(result.get("peak_rss_bytes", 0) / 2**20, 1),
+        "rss_sampled_mb": round(result.get("rss_sampled_bytes", 0) / 2**20, 1),
+    }
+    if rate is None:
+        entry["status"] = "error"
+        entry["reason"] = f"only {timeline[-1][1] if timeline else 0:,} of {total:,} events done"
+    if verification is not None:
+        entry["verification"] = verification.as_dict()
+        if entry["status"] == "ok" and not verification.ok:
+            entry["status"] = "incorrect"
+            entry["reason"] = (
+                f"{verification.lost:,} lost, {verification.wrong:,} wrong, "
+                f"{verification.duplicated:,} duplicated effects"
+            )
+    return entry
+
+
+def _stored_offsets(dsn: str, table: str, group: str) -> dict[int, int]:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT partition, next_offset FROM {} WHERE group_id = %s").format(
+                sql.Identifier(table)
+            ),
+            (group,),
+        ).fetchall()
+    return {int(p): int(o) for p, o in rows}
+
+
+def _run_spr(
+    ws: _Workspace,
+    topic: str,
+    label: str,
+    *,
+    idle_exit_s: float,
+    ready: bool = False,
+) -> tuple[list[_Child], str, str, list[Path]]:
+    options = ws.options
+    group = ws.group(label)
+    table = ws.table(label)
+    children = []
+    ready_files = []
+    for index in range(options.workers):
+        ready_file = ws.tmp / f"{label}.{index}.ready"
+        ready_files.append(ready_file)
+        children.append(
+            ws.launch(
+                "spr",
+                f"{label}.{index}",
+                topic=topic,
+                group=group,
+                bootstrap=options.bootstrap,
+                dsn=options.dsn,
+                table=table,
+                offsets_table=ws.offsets_table,
+                idle_exit_s=idle_exit_s,
+                batch=options.batch,
+                ready_file=str(ready_file) if ready else None,
+            )
+        )
+    return children, group, table, ready_files
+
+
+def _collect_spr(
+    ws: _Workspace,
+    children: list[_Child],
+    timeout_s: float,
+    *,
+    low: Mapping[int, int],
+    high: Mapping[int, int],
+    group: str,
+    table: str,
+    expected: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[report.FlushRecord], list[tuple[float, int]], float | None]:
+    """Wait for the spr workers; merge their flushes; verify table and offsets.
+    Returns the report entry, the flush records, the merged timeline and the first
+    message's time."""
+    deadline = time.monotonic() + timeout_s
+    results = [c.wait(max(1.0, deadline - time.monotonic())) for c in children]
+    total = sum(high[p] - low[p] for p in high)
+    errors = [r for r in results if "error" in r]
+    if errors:
+        return _summarise(errors[0], total, None), [], [], None
+    records: list[report.FlushRecord] = [
+        (t, {int(p): int(o) for p, o in offsets.items()})
+        for r in results
+        for t, offsets in r["flushes"]
+    ]
+    timeline = report.cumulative_from_flushes(records, low)
+    firsts = [r["first_s"] for r in results if r.get("first_s") is not None]
+    first_s = min(firsts) if firsts else None
+    verification = compare(expected, fetch_rows(ws.options.dsn, table))
+    merged = {
+        "first_s": first_s,
+        "timeline": timeline,
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
+        "rss_sampled_bytes": max(r["rss_sampled_bytes"] for r in results),
+    }
+    entry = _summarise(merged, total, verification, timeline)
+    stats: dict[str, Any] = {}
+    for r in results:
+        for key, value in r["stats"].items():
+            if isinstance(value, (int, float)) and not key.endswith(("_max", "_last")):
+                stats[key] = stats.get(key, 0) + value
+    stats["flush_seconds_max"] = max(r["stats"].get("flush_seconds_max", 0) for r in results)
+    stats["flush_seconds_total"] = round(stats.get("flush_seconds_total", 0.0), 3)
+    entry["stats"] = {
+        k: stats[k]
+        for k in ("consumed", "applied", "stale", "collapsed", "duplicate", "invalid",
+                  "flushes", "flush_retries", "pauses", "rebalances", "max_buffered_bytes",
+                  "flush_seconds_total", "flush_seconds_max")
+        if k in stats
+    }  # fmt: skip
+    entry["dedup_hits"] = stats.get("duplicate", 0)
+    entry["workers"] = len(results)
+    entry["peak_rss_mb_total"] = round(sum(r["peak_rss_bytes"] for r in results) / 2**20, 1)
+    busy = sum(r.get("flush_busy_s", 0.0) for r in results)
+    if entry.get("seconds"):
+        entry["flush_busy_pct"] = round(100.0 * busy / entry["seconds"] / len(results), 1)
+    stored = _stored_offsets(ws.options.dsn, ws.offsets_table, group)
+    behind = {p: high[p] - stored.get(p, low[p]) for p in high if stored.get(p, low[p]) != high[p]}
+    entry["offsets_committed"] = not behind
+    if behind and entry["status"] == "ok":
+        entry["status"] = "failed"
+        entry["reason"] = f"stored offsets differ from the end offsets: {behind}"
+    if entry["status"] == "incorrect":
+        entry["status"] = "failed"
+    return entry, records, timeline, first_s
+
+
+def _ensure_quix(ws: _Workspace) -> tuple[Path | None, str]:
+    from spr.bench import quix
+
+    try:
+        started = time.monotonic()
+        python = quix.ensure_venv(timeout_s=ws.options.quix_build_timeout_s)
+        took = time.monotonic() - started
+        if took > 1.0:
+            ws.progress(f"built the Quix Streams venv in {took:.0f} s ({python.parent.parent})")
+        return python, ""
+    except quix.VenvUnavailable as exc:
+        return None, f"Quix Streams could not be installed: {exc}"
+
+
+def _run_quix(
+    ws: _Workspace, python: Path, topic: str, total: int, timeout_s: float
+) -> tuple[dict[str, Any], str]:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from spr.bench import quix
+
+    params = conninfo_to_dict(ws.options.dsn)
+    script = ws.tmp / "quix_contender.py"
+    script.write_text(quix.SCRIPT)
+    table = ws.table("quix")
+    args = {
+        "bootstrap": ws.options.bootstrap,
+        "group": ws.group("quix"),
+        "topic": topic,
+        "table": table,
+        "total": total,
+        "timeout_s": timeout_s,
+        "host": params.get("host", "127.0.0.1"),
+        "port": int(str(params.get("port") or 5432)),
+        "dbname": params.get("dbname", "postgres"),
+        "user": params.get("user", "postgres"),
+        "password": params.get("password", ""),
+    }
+    args_path = ws.tmp / "quix.args.json"
+    args_path.write_text(json.dumps(args))
+    out = ws.tmp / "quix.result.json"
+    child = _Child([str(python), str(script), str(args_path), str(out)], out, ws.tmp / "quix.log")
+    return child.wait(timeout_s + 30), table
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _latency_phase(
+    ws: _Workspace, rate: float, seconds: float
+) -> tuple[dict[str, Any], list[float], list[tuple[float, int]]]:
+    from spr.loadgen import LoadSpec, produce
+
+    options = ws.options
+    topic = ws.create_topic("latency", {"message.timestamp.type": "LogAppendTime"})
+    count = max(1, int(rate * seconds))
+    children, group, table, ready_files = _run_spr(
+        ws, topic, "latency", idle_exit_s=3.0, ready=True
+    )
+    deadline = time.monotonic() + 60
+    while not any(f.exists() for f in ready_files) and time.monotonic() < deadline:
+        if all(c.process.poll() is not None for c in children):
+            break
+        time.sleep(0.05)
+    ws.progress(f"latency: producing {count:,} events at {rate:,.0f}/s while spr consumes")
+    manifest = ws.tmp / "latency-manifest.json"
+    spec = LoadSpec(
+        count=count,
+        entities=options.entities,
+        seed=options.seed + 1,
+        duplicates=options.duplicates,
+        stale=options.stale,
+        value_size=options.value_size,
+    )
+    produced = produce(
+        spec,
+        topic=topic,
+        bootstrap=options.bootstrap,
+        partitions=options.partitions,
+        rate=rate,
+        manifest_path=manifest,
+    )
+    expected = json.loads(manifest.read_text())["entities"]
+    low, high = _watermarks(options.bootstrap, topic, options.partitions)
+    entry, records, timeline, _ = _collect_spr(
+        ws,
+        children,
+        _timeout(options, count),
+        low=low,
+        high=high,
+        group=group,
+        table=table,
+        expected=expected,
+    )
+    ws.drop_table(table)
+    latencies: list[float] = []
+    if records:
+        stamps = _broker_timestamps(options.bootstrap, topic, low, high)
+        latencies = report.latencies_ms(records, stamps, low)
+    summary = report.latency_summary(latencies)
+    document = {
+        "rate": rate,
+        "achieved_rate": produced.events_per_s,
+        "events": count,
+        "status": entry["status"],
+        **summary,
+        "peak_rss_mb": entry.get("peak_rss_mb"),
+        "flushes": entry.get("stats", {}).get("flushes"),
+        "pauses": entry.get("stats", {}).get("pauses"),
+        "verification": entry.get("verification"),
+        "batch": options.batch or "engine defaults",
+    }
+    if entry.get("reason"):
+        document["reason"] = entry["reason"]
+    if summary["count"] != count and entry["status"] == "ok":
+        document["status"] = "failed"
+        document["reason"] = f"latency known for {summary['count']:,} of {count:,} events"
+    return document, latencies, timeline
+
+
+def _timeout(options: BenchOptions, events: int) -> float:
+    if options.contender_timeout_s is not None:
+        return options.contender_timeout_s
+    return 120.0 + events / 2_000.0
+
+
+def run_bench(
+    options: BenchOptions,
+    *,
+    progress: Progress | None = None,
+    series: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns the report document. Blocks for its whole duration.
+
+    ``series``, when given, receives the timelines and latencies for :mod:`plot`.
+    Raises :class:`ServerUnavailable` when Kafka or PostgreSQL cannot be reached.
+    """
+    say: Progress = progress or (lambda text: None)
+    series = series if series is not None else {}
+    ws = _Workspace(options, say)
+    started = time.time()
+    document: dict[str, Any] = {
+        "spr_version": _version(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "options": {
+            "workers": options.workers,
+            "batch": options.batch or "engine defaults",
+            "skip": sorted(options.skip),
+        },
+    }
+    try:
+        if not options.latency_only:
+            _compare(ws, document, series)
+        if options.latency_only or not options.skips("latency"):
+            latency, values, timeline = _latency_phase(
+                ws, options.latency_rate, options.latency_seconds
+            )
+            document["latency"] = latency
+            series["latency_ms"] = values
+            series["latency_timeline"] = timeline
+    finally:
+        ws.cleanup()
+    spr_ok = options.latency_only or document["contenders"]["spr"]["status"] == "ok"
+    latency_ok = "latency" not in document or document["latency"]["status"] == "ok"
+    document["ok"] = spr_ok and latency_ok
+    document["elapsed_s"] = round(time.time() - started, 1)
+    return document
+
+
+def _version() -> str:
+    from spr._impl import IMPL
+    from spr._version import __version__
+
+    return f"{__version__} ({IMPL})"
+
+
+def _compare(ws: _Workspace, document: dict[str, Any], series: dict[str, Any]) -> None:
+    from spr.loadgen import LoadSpec, produce
+
+    options = ws.options
+    topic = ws.create_topic("events")
+    spec = LoadSpec(
+        count=options.events,
+        entities=options.entities,
+        seed=options.seed,
+        duplicates=options.duplicates,
+        stale=options.stale,
+        value_size=options.value_size,
+    )
+    manifest = ws.tmp / "manifest.json"
+    ws.progress(f"producing {options.events:,} events to {topic}")
+    produced = produce(
+        spec,
+        topic=topic,
+        bootstrap=options.bootstrap,
+        partitions=options.partitions,
+        manifest_path=manifest,
+    )
+    if produced.errors:
+        raise ServerUnavailable(
+            f"{produced.errors:,} events could not be produced: {produced.first_error}"
+        )
+    expected = json.loads(manifest.read_text())["entities"]
+    low, high = _watermarks(options.bootstrap, topic, options.partitions)
+    total = sum(high[p] - low[p] for p in high)
+    document["workload"] = {
+        "topic": topic,
+        "events": total,
+        "entities": options.entities,
+        "distinct_entities_touched": len(expected),
+        "partitions": options.partitions,
+        "value_bytes": options.value_size,
+        "duplicates_sent": produced.duplicates,
+        "stale_sent": produced.stale,
+        "produce_events_per_s": produced.events_per_s,
+        "seed": options.seed,
+    }
+    contenders: dict[str, dict[str, Any]] = {}
+    document["contenders"] = contenders
+    timelines: dict[str, tuple[float | None, list[tuple[float, int]]]] = {}
+    series["timelines"] = timelines
+    timeout = _timeout(options, total)
+    common = {"topic": topic, "bootstrap": options.bootstrap, "dsn": options.dsn}
+    start_offsets = {str(p): o for p, o in low.items()}
+
+    def finish(name: str, entry: dict[str, Any], result: Mapping[str, Any] | None) -> None:
+        contenders[name] = entry
+        rate = entry.get("events_per_s")
+        say = f"{name}: {entry['status']}"
+        if rate:
+            say += f", {rate:,.0f} events/s"
+        if entry.get("reason"):
+            say += f" ({entry['reason']})"
+        ws.progress(say)
+        if result is not None and "timeline" in result:
+            timelines[name] = (result.get("first_s"), [(t, n) for t, n in result["timeline"]])
+
+    for name in CONTENDERS:
+        if options.skips(name):
+            contenders[name] = {"status": "skipped", "reason": "--skip"}
+            continue
+        ws.progress(f"running {name}")
+        if name == "raw_consume":
+            result = ws.launch(
+                "raw",
+                name,
+                **common,
+                group=ws.group(name),
+                total=total,
+                start_offsets=start_offsets,
+                timeout_s=timeout,
+            ).wait(timeout + 30)
+            entry = _summarise(result, total, None)
+            entry["note"] = "ceiling: consumption only, no processing"
+            finish(name, entry, result)
+        elif name == "spr":
+            children, group, table, _ = _run_spr(ws, topic, "spr", idle_exit_s=1.0)
+            entry, _records, timeline, first_s = _collect_spr(
+                ws, children, timeout + 30, low=low, high=high, group=group, table=table,
+                expected=expected,
+            )  # fmt: skip
+            ws.drop_table(table)
+            finish(name, entry, {"first_s": first_s, "timeline": timeline})
+        elif name == "copy_merge":
+            table = ws.table(name)
+            result = ws.launch(
+                "copy_merge",
+                name,
+                **common,
+                group=ws.group(name),
+                table=table,
+                offsets_table=ws.offsets_table,
+                total=total,
+                start_offsets=start_offsets,
+                max_rows=options.max_rows,
+                timeout_s=timeout,
+            ).wait(timeout + 30)
+            verification = None
+            if "error" not in result:
+                verification = compare(expected, fetch_rows(options.dsn, table))
+            ws.drop_table(table)
+            entry = _summarise(result, total, verification)
+            entry["note"] = (
+                f"ceiling: spr's COPY -> merge flushes of {options.max_rows:,}-row batches, "
+                "database time only"
+            )
+            if "error" not in result:
+                entry["flushes"] = result.get("flushes")
+            finish(name, entry, result)
+        elif name == "arroyo":
+            table = ws.create_state_table(name)
+            result = ws.launch(
+                "arroyo", name, **common, group=ws.group(name), table=table, total=total,
+                max_rows=options.max_rows, timeout_s=timeout,
+            ).wait(timeout + 30)  # fmt: skip
+            verification = None
+            if "error" not in result:
+                verification = compare(expected, fetch_rows(options.dsn, table))
+            ws.drop_table(table)
+            entry = _summarise(result, total, verification)
+            entry["note"] = "at-least-once; speed reference"
+            finish(name, entry, result)
+        elif name == "quix":
+            python, reason = _ensure_quix(ws)
+            if python is None:
+                finish(name, {"status": "skipped", "reason": reason}, None)
+                continue
+            result, table = _run_quix(ws, python, topic, total, timeout)
+            verification = None
+            if "error" not in result:
+                verification = compare(expected, fetch_rows(options.dsn, table))
+            ws.drop_table(table)
+            entry = _summarise(result, total, verification)
+            entry["note"] = (
+                f"quixstreams {result.get('quixstreams', '?')} PostgreSQLSink, "
+                "upsert on (entity_type, entity_id), default 5 s checkpoints"
+            )
+            finish(name, entry, result)
+        elif name == "antipattern":
+            table = ws.create_state_table(name)
+            limit = min(options.antipattern_events, total)
+            result = ws.launch(
+                "antipattern", name, **common, group=ws.group(name), table=table, limit=limit,
+                timeout_s=120.0 + limit / 100.0,
+            ).wait(150.0 + limit / 100.0)  # fmt: skip
+            verification = None
+            if "error" not in result:
+                stop = {int(p): int(o) for p, o in result["stop_offsets"].items()}
+                prefix = expected_from_topic(options.bootstrap, topic, stop)
+                verification = compare(prefix, fetch_rows(options.dsn, table))
+            ws.drop_table(table)
+            entry = _summarise(result, limit, verification)
+            entry["note"] = (
+                f"prefix of {limit:,} events; per message: INSERT ... ON CONFLICT + "
+                "synchronous commit"
+            )
+            finish(name, entry, result)
+    rates = {name: c.get("events_per_s") for name, c in contenders.items()}
+    document["ratios"] = report.ratios(rates)
+
+
+def write_json(document: Mapping[str, Any], path: Path) -> None:
+    """Write the report document as indented JSON (atomically)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, path)

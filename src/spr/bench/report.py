@@ -1,0 +1,243 @@
+"""The arithmetic of ``spr bench``: throughput from progress timelines, latency from flush
+records, percentiles, ratios, and the printed table. Pure functions; nothing blocks.
+
+A *timeline* is a list of ``(wall_time_s, cumulative_events_done)`` points, written by a
+contender whenever a unit of work became durable (a committed flush, a committed batch,
+a consumed batch for the raw ceiling). Throughput is measured from the contender's first
+received message to the moment its timeline reaches the expected total, so start-up and
+the consumer-group join are excluded for every contender alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "FlushRecord",
+    "cumulative_from_flushes",
+    "done_time",
+    "format_report",
+    "latencies_ms",
+    "latency_summary",
+    "percentile",
+    "rate_series",
+    "ratios",
+    "throughput",
+]
+
+# (commit wall time in s, {partition: next offset}) as written by the spr worker.
+FlushRecord = tuple[float, Mapping[int, int]]
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of already sorted values, nearest-rank method
+    (the smallest value with at least q% of the values at or below it). NaN when empty."""
+    if not sorted_values:
+        return math.nan
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile must be within 0..100, got {q}")
+    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
+    return float(sorted_values[rank - 1])
+
+
+def done_time(timeline: Sequence[tuple[float, int]], total: int) -> float | None:
+    """The first time at which the timeline reached ``total`` events, or None."""
+    for t, done in timeline:
+        if done >= total:
+            return t
+    return None
+
+
+def throughput(
+    timeline: Sequence[tuple[float, int]], total: int, first_s: float | None
+) -> float | None:
+    """Events per second from ``first_s`` (first message received) to the moment the
+    timeline reached ``total``. None when it never did, or nothing was received."""
+    end = done_time(timeline, total)
+    if end is None or first_s is None or total <= 0:
+        return None
+    return total / max(end - first_s, 1e-6)
+
+
+def cumulative_from_flushes(
+    records: Iterable[FlushRecord], start_offsets: Mapping[int, int]
+) -> list[tuple[float, int]]:
+    """Merge flush records (of one or several workers) into a timeline: after each
+    commit, the events done are the sum over partitions of the highest committed next
+    offset minus the partition's start offset."""
+    best: dict[int, int] = dict(start_offsets)
+    base = sum(start_offsets.values())
+    total = base
+    timeline: list[tuple[float, int]] = []
+    for t, offsets in sorted(records, key=lambda r: r[0]):
+        for partition, next_offset in offsets.items():
+            previous = best.get(partition, 0)
+            if next_offset > previous:
+                total += next_offset - previous
+                best[partition] = next_offset
+        timeline.append((t, total - base))
+    return timeline
+
+
+def latencies_ms(
+    records: Iterable[FlushRecord],
+    broker_ms: Mapping[int, Sequence[int]],
+    start_offsets: Mapping[int, int],
+) -> list[float]:
+    """Broker timestamp to database commit, per event, in ms.
+
+    ``broker_ms[p][i]`` is the broker timestamp of offset ``start_offsets[p] + i``. Each
+    event is charged to the first commit whose offsets cover it; events never covered
+    are left out (the caller compares the count with the total).
+    """
+    done: dict[int, int] = dict(start_offsets)
+    result: list[float] = []
+    for t, offsets in sorted(records, key=lambda r: r[0]):
+        commit_ms = t * 1000.0
+        for partition, next_offset in offsets.items():
+            start = start_offsets.get(partition, 0)
+            low = done.get(partition, start)
+            if next_offset <= low:
+                continue
+            stamps = broker_ms.get(partition, ())
+            for offset in range(low, next_offset):
+                index = offset - start
+                if 0 <= index < len(stamps):
+                    result.append(commit_ms - stamps[index])
+            done[partition] = next_offset
+    return result
+
+
+def latency_summary(values: Iterable[float]) -> dict[str, float | int | None]:
+    """count, mean, p50, p90, p99, p99.9 and max of latencies (ms, rounded to 0.1)."""
+    ordered = sorted(values)
+    if not ordered:
+        return {k: None for k in ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")} | {
+            "count": 0
+        }
+
+    def r(value: float) -> float:
+        return round(value, 1)
+
+    return {
+        "count": len(ordered),
+        "mean_ms": r(sum(ordered) / len(ordered)),
+        "p50_ms": r(percentile(ordered, 50)),
+        "p90_ms": r(percentile(ordered, 90)),
+        "p99_ms": r(percentile(ordered, 99)),
+        "p999_ms": r(percentile(ordered, 99.9)),
+        "max_ms": r(ordered[-1]),
+    }
+
+
+def rate_series(
+    timeline: Sequence[tuple[float, int]], origin_s: float, bin_s: float = 0.5
+) -> tuple[list[float], list[float]]:
+    """Events/s per ``bin_s`` bin, from ``origin_s`` to the last point, by linear
+    interpolation of the cumulative timeline. Returns (bin centres in s, rates)."""
+    points = sorted(timeline)
+    if not points or bin_s <= 0:
+        return [], []
+    points = [(origin_s, 0), *[(t, n) for t, n in points if t >= origin_s]]
+    end = points[-1][0]
+
+    def at(t: float) -> float:
+        for (t0, n0), (t1, n1) in itertools.pairwise(points):
+            if t0 <= t <= t1:
+                return n0 if t1 == t0 else n0 + (n1 - n0) * (t - t0) / (t1 - t0)
+        return float(points[-1][1]) if t > end else 0.0
+
+    centres: list[float] = []
+    rates: list[float] = []
+    t = origin_s
+    while t < end:
+        upper = min(t + bin_s, end)
+        width = upper - t
+        if width > 1e-9:
+            centres.append((t + upper) / 2 - origin_s)
+            rates.append((at(upper) - at(t)) / width)
+        t = upper
+    return centres, rates
+
+
+def ratios(rates: Mapping[str, float | None], reference: str = "spr") -> dict[str, float | None]:
+    """``reference``'s events/s divided by every other contender's (None when unknown)."""
+    mine = rates.get(reference)
+    result: dict[str, float | None] = {}
+    for name, rate in rates.items():
+        if name == reference:
+            continue
+        result[name] = round(mine / rate, 3) if mine and rate else None
+    return result
+
+
+def _mb(value: Any) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def format_report(document: Mapping[str, Any]) -> str:
+    """The human-readable table of a bench document (the ``--json`` content)."""
+    workload = document.get("workload", {})
+    if not workload:
+        lines: list[str] = []
+    else:
+        lines = [
+            f"spr bench: {workload.get('events', 0):,} events, {workload.get('entities', 0):,} "
+            f"entities, {workload.get('partitions', 0)} partitions "
+            f"({workload.get('duplicates_sent', 0):,} duplicates, "
+            f"{workload.get('stale_sent', 0):,} stale)",
+            "",
+            f"{'contender':<14}{'status':<10}{'events':>11}{'events/s':>12}{'spr x':>9}"
+            f"{'peak RSS MB':>13}  verification",
+        ]
+    contenders = document.get("contenders", {})
+    ratio_map = document.get("ratios", {})
+    for name, c in contenders.items():
+        rate = c.get("events_per_s")
+        ratio = ratio_map.get(name)
+        check = c.get("verification")
+        if check is None:
+            verdict = "-"
+        else:
+            verdict = (
+                "ok"
+                if check.get("ok")
+                else f"lost {check['lost']:,} wrong {check['wrong']:,} "
+                f"duplicated {check['duplicated']:,}"
+            )
+        status = c.get("status", "?")
+        lines.append(
+            f"{name:<14}{status:<10}{c.get('events') or 0:>11,}"
+            f"{'-' if rate is None else f'{rate:,.0f}':>12}"
+            f"{'' if ratio is None else f'{ratio:,.2f}':>9}"
+            f"{_mb(c.get('peak_rss_mb')):>13}  {verdict}"
+        )
+        if status not in ("ok",) and c.get("reason"):
+            lines.append(f"{'':<14}└ {c['reason']}")
+    spr = contenders.get("spr", {})
+    stats = spr.get("stats") or {}
+    if stats:
+        lines += [
+            "",
+            f"spr: {stats.get('flushes', 0):,} flushes, {stats.get('pauses', 0):,} pauses, "
+            f"{stats.get('duplicate', 0):,} dedup hits, {stats.get('stale', 0):,} stale "
+            f"(guard), {stats.get('collapsed', 0):,} collapsed, "
+            f"{stats.get('applied', 0):,} rows applied; flush busy "
+            f"{spr.get('flush_busy_pct', 0)}% of the run",
+        ]
+    latency = document.get("latency")
+    if latency:
+        lines += [
+            "",
+            f"latency at {latency.get('rate', 0):,.0f} events/s "
+            f"({latency.get('events', 0):,} events, broker timestamp -> database commit): "
+            f"p50 {latency.get('p50_ms')} ms, p90 {latency.get('p90_ms')} ms, "
+            f"p99 {latency.get('p99_ms')} ms, p99.9 {latency.get('p999_ms')} ms, "
+            f"max {latency.get('max_ms')} ms"
+            + ("" if latency.get("verification", {}).get("ok", True) else "  VERIFICATION FAILED"),
+        ]
+    lines += ["", "PASSED" if document.get("ok") else "FAILED"]
+    return "\n".join(lines)

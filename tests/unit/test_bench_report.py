@@ -1,0 +1,185 @@
+"""The arithmetic of ``spr bench``: verification categories, percentiles, throughput,
+latency attribution, ratios and the printed report. No servers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from spr.bench import report
+from spr.bench.harness import BenchOptions
+from spr.bench.verify import compare
+from spr.errors import ConfigError
+
+EXPECTED = {
+    "order:1": {"sequence": 3, "state": "authorized", "event_id": "e3"},
+    "order:2": {"sequence": 1, "state": "created", "event_id": "e4"},
+    "payment:1": {"sequence": 2, "state": "pending", "event_id": "e6"},
+}
+EXACT = [
+    ("order", "1", 3, "authorized", "e3"),
+    ("order", "2", 1, "created", "e4"),
+    ("payment", "1", 2, "pending", "e6"),
+]
+
+
+def test_exact_table_verifies() -> None:
+    result = compare(EXPECTED, EXACT)
+    assert result.ok
+    assert (result.lost, result.wrong, result.duplicated) == (0, 0, 0)
+    assert result.rows == 3 and result.expected_entities == 3
+    assert result.as_dict()["ok"] is True
+
+
+def test_missing_and_older_rows_are_lost() -> None:
+    rows = [EXACT[0], ("order", "2", 0, "created", "e0")]  # payment:1 missing, order:2 older
+    result = compare(EXPECTED, rows)
+    assert not result.ok
+    assert (result.missing, result.older, result.lost) == (1, 1, 2)
+    assert result.wrong == 0 and result.duplicated == 0
+    assert any("payment:1: no row" in e for e in result.examples)
+
+
+def test_same_sequence_other_content_is_wrong() -> None:
+    rows = [EXACT[0], ("order", "2", 1, "pending", "e4"), ("payment", "1", 2, "pending", "eX")]
+    result = compare(EXPECTED, rows)
+    assert (result.lost, result.wrong, result.duplicated) == (0, 2, 0)
+    assert result.mismatched == 2
+
+
+def test_extra_unexpected_and_newer_rows_are_duplicated() -> None:
+    rows = [
+        *EXACT,
+        ("order", "1", 1, "created", "e1"),  # a second row for order:1 (older)
+        ("invoice", "9", 1, "created", "e9"),  # never produced
+    ]
+    result = compare(EXPECTED, rows)
+    assert (result.extra_rows, result.unexpected, result.newer) == (1, 1, 0)
+    assert result.duplicated == 2 and result.lost == 0 and result.wrong == 0
+
+    newer = compare(EXPECTED, [EXACT[0], EXACT[1], ("payment", "1", 5, "closed", "e99")])
+    assert (newer.newer, newer.duplicated, newer.lost) == (1, 1, 0)
+
+
+def test_duplicate_rows_are_judged_by_the_newest() -> None:
+    # Append-only tables hold history: the entity is right if its newest row is right,
+    # and every additional row is still a duplicated effect.
+    rows = [("order", "1", 2, "pending", "e2"), *EXACT]
+    result = compare(EXPECTED, rows)
+    assert (result.lost, result.wrong, result.extra_rows) == (0, 0, 1)
+
+
+def test_null_sequence_counts_as_older() -> None:
+    result = compare(EXPECTED, [("order", "1", None, None, None), *EXACT[1:]])
+    assert result.older == 1 and result.lost == 1
+
+
+def test_examples_are_bounded() -> None:
+    expected = {f"t:{i}": {"sequence": 1, "state": "s", "event_id": f"e{i}"} for i in range(50)}
+    result = compare(expected, [])
+    assert result.missing == 50 and len(result.examples) == 5
+
+
+def test_percentile_nearest_rank() -> None:
+    values = sorted(float(v) for v in range(1, 101))
+    assert report.percentile(values, 50) == 50.0
+    assert report.percentile(values, 99) == 99.0
+    assert report.percentile(values, 100) == 100.0
+    assert report.percentile(values, 0) == 1.0
+    assert report.percentile([7.0], 99.9) == 7.0
+    assert math.isnan(report.percentile([], 50))
+    with pytest.raises(ValueError):
+        report.percentile(values, 101)
+
+
+def test_throughput_from_first_message_to_total() -> None:
+    timeline = [(10.5, 400), (11.0, 900), (12.0, 1000), (13.0, 1000)]
+    assert report.done_time(timeline, 1000) == 12.0
+    assert report.throughput(timeline, 1000, first_s=10.0) == pytest.approx(500.0)
+    assert report.throughput(timeline, 2000, first_s=10.0) is None
+    assert report.throughput(timeline, 1000, first_s=None) is None
+
+
+def test_cumulative_from_flushes_merges_workers() -> None:
+    start = {0: 100, 1: 0}
+    records: list[report.FlushRecord] = [
+        (2.0, {1: 30}),  # worker B
+        (1.0, {0: 150}),  # worker A
+        (3.0, {0: 140, 1: 50}),  # a zombie's older offset for partition 0 never counts
+    ]
+    timeline = report.cumulative_from_flushes(records, start)
+    assert timeline == [(1.0, 50), (2.0, 80), (3.0, 100)]
+
+
+def test_latency_is_charged_to_the_first_covering_commit() -> None:
+    start = {0: 10, 1: 0}
+    stamps = {0: [1000, 1001, 1002], 1: [1000, 1005]}
+    records: list[report.FlushRecord] = [
+        (1.010, {0: 12}),  # offsets 10, 11 of partition 0
+        (1.020, {0: 13, 1: 2}),  # offset 12 of p0, 0 and 1 of p1
+        (1.030, {0: 13, 1: 2}),  # nothing new
+    ]
+    values = report.latencies_ms(records, stamps, start)
+    assert sorted(round(v, 6) for v in values) == [9.0, 10.0, 15.0, 18.0, 20.0]
+    summary = report.latency_summary(values)
+    assert summary["count"] == 5
+    assert summary["p50_ms"] == 15.0 and summary["max_ms"] == 20.0
+    assert report.latency_summary([])["count"] == 0
+
+
+def test_rate_series_interpolates() -> None:
+    centres, rates = report.rate_series([(1.0, 100), (2.0, 300)], origin_s=0.0, bin_s=0.5)
+    assert centres == [0.25, 0.75, 1.25, 1.75]
+    assert rates == pytest.approx([100.0, 100.0, 200.0, 200.0])
+    assert report.rate_series([], 0.0) == ([], [])
+
+
+def test_ratios() -> None:
+    rates = {"spr": 200_000.0, "quix": 40_000.0, "raw_consume": 400_000.0, "arroyo": None}
+    assert report.ratios(rates) == {"quix": 5.0, "raw_consume": 0.5, "arroyo": None}
+    assert report.ratios({"spr": None, "quix": 1.0}) == {"quix": None}
+
+
+def test_format_report_shows_each_contender_and_verdict() -> None:
+    document = {
+        "workload": {"events": 1000, "entities": 10, "partitions": 3},
+        "contenders": {
+            "spr": {
+                "status": "ok",
+                "events": 1000,
+                "events_per_s": 5000.0,
+                "peak_rss_mb": 70.0,
+                "verification": compare(EXPECTED, EXACT).as_dict(),
+                "stats": {"flushes": 3, "pauses": 1, "duplicate": 7},
+            },
+            "quix": {
+                "status": "incorrect",
+                "events": 1000,
+                "events_per_s": 1000.0,
+                "reason": "2 lost",
+                "verification": compare(EXPECTED, EXACT[:1]).as_dict(),
+            },
+            "arroyo": {"status": "skipped", "reason": "--skip"},
+        },
+        "ratios": {"quix": 5.0, "arroyo": None},
+        "ok": True,
+    }
+    text = report.format_report(document)
+    assert "spr" in text and "5,000" in text and "5.00" in text
+    assert "lost 2 wrong 0 duplicated 0" in text
+    assert "3 flushes, 1 pauses, 7 dedup hits" in text
+    assert "--skip" in text
+    assert text.rstrip().endswith("PASSED")
+
+
+def test_bench_options_are_validated() -> None:
+    BenchOptions(bootstrap="b", dsn="d", events=10, skip=frozenset({"quix", "ceilings"}))
+    with pytest.raises(ConfigError, match="skip"):
+        BenchOptions(bootstrap="b", dsn="d", skip=frozenset({"kafka"}))
+    with pytest.raises(ConfigError, match="events"):
+        BenchOptions(bootstrap="b", dsn="d", events=0)
+    options = BenchOptions(bootstrap="b", dsn="d", skip=frozenset({"ceilings"}))
+    assert options.skips("raw_consume") and options.skips("copy_merge")
+    assert not options.skips("spr")
+    assert BenchOptions(bootstrap="b", dsn="d", batch_max_rows=7).batch == {"max_rows": 7}
