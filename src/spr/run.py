@@ -1,0 +1,250 @@
+"""``spr run`` (the consumer engine) and ``spr db init`` (the tables), design §8.
+
+``spr run --topic T [--topic T2 ...] --group G`` consumes into PostgreSQL until SIGTERM
+or SIGINT (then it flushes, commits and exits 0), until ``--max-events`` messages, or,
+with ``--idle-exit S``, until nothing new arrived for S seconds and every partition of
+its topics is applied up to its end offset. ``--workers N`` runs N engine processes in
+the same group; the parent forwards signals and exits non-zero if any worker failed.
+
+Settings come from ``--config FILE.toml``, then ``SPR_*`` variables, then flags (flags
+win); ``-X key=value`` passes librdkafka settings through to the consumer. A missing
+server or a bad setting ends the command with one sentence and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from spr.config import load_engine_config, load_table_config
+from spr.errors import ConfigError
+from spr.sink.postgres import PostgresSink, redact_dsn
+
+__all__ = ["register"]
+
+log = logging.getLogger("spr.run")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="consume topics into PostgreSQL, exactly once",
+        description="Consume entity state changes from Kafka into PostgreSQL, exactly once.",
+    )
+    run.add_argument(
+        "--topic", action="append", dest="topics", metavar="T", help="topic to consume (repeatable)"
+    )
+    run.add_argument("--group", dest="group_id", metavar="G", help="consumer group id")
+    _common(run)
+    run.add_argument(
+        "--workers", type=int, metavar="N", help="engine processes to run in the group (default 1)"
+    )
+    run.add_argument(
+        "--idle-exit",
+        dest="idle_exit_s",
+        type=float,
+        metavar="SECONDS",
+        help="exit 0 once idle this long with every partition applied",
+    )
+    run.add_argument(
+        "--max-events", type=int, metavar="N", help="stop after consuming N messages (per worker)"
+    )
+    run.add_argument(
+        "--bootstrap",
+        metavar="B",
+        help="Kafka bootstrap servers (default $SPR_BOOTSTRAP or 127.0.0.1:9092)",
+    )
+    run.add_argument(
+        "--auto-create-schema",
+        action="store_true",
+        default=None,
+        help="create the tables when missing instead of failing",
+    )
+    run.add_argument(
+        "-X",
+        dest="kafka",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="librdkafka consumer setting (repeatable; wins over spr's defaults)",
+    )
+    run.add_argument("--batch-max-rows", type=int, metavar="N", help="flush at N rows")
+    run.add_argument("--batch-max-age-ms", type=int, metavar="MS", help="flush at this age")
+    run.add_argument("--stats", metavar="FILE", help="write the final counters as JSON")
+    run.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    run.set_defaults(func=_run)
+
+    db = subparsers.add_parser("db", help="database tables", description="Manage spr's tables.")
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION")
+    init = db_sub.add_parser(
+        "init",
+        help="create the state and offsets tables",
+        description="Create the state and offsets tables, or fit an existing table "
+        "(adds missing mapped columns, e.g. the sequence column, and a unique key).",
+    )
+    _common(init)
+    init.set_defaults(func=_db_init)
+    db.set_defaults(func=lambda args: _usage(db))
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dsn", metavar="D", help="PostgreSQL DSN (default $SPR_DSN or the local dev stack)"
+    )
+    parser.add_argument("--table", metavar="X", help="state table name")
+    parser.add_argument(
+        "--mapping",
+        dest="mapping_preset",
+        choices=("default", "orders"),
+        help="column layout preset (orders: the field report's orders table)",
+    )
+    parser.add_argument("--config", metavar="FILE.toml", help="settings file")
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _parse_kafka(items: list[str]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"-X expects key=value, got {item!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "topics": tuple(args.topics) if args.topics else None,
+        "group_id": args.group_id,
+        "dsn": args.dsn,
+        "bootstrap": args.bootstrap,
+        "table": args.table,
+        "mapping_preset": args.mapping_preset,
+        "workers": args.workers,
+        "idle_exit_s": args.idle_exit_s,
+        "max_events": args.max_events,
+        "auto_create_schema": args.auto_create_schema,
+        "batch_max_rows": args.batch_max_rows,
+        "batch_max_age_ms": args.batch_max_age_ms,
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    # The client logs every failed connection attempt; the engine reports what matters.
+    logging.getLogger("spr.kafka").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
+    config = load_engine_config(
+        file=args.config, flags=_flags(args), kafka_flags=_parse_kafka(args.kafka)
+    )
+    if config.workers > 1:
+        return _run_workers(args, config.workers)
+
+    from spr.engine import Engine
+
+    engine = Engine(config)
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        engine.stop()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    start = time.monotonic()
+    try:
+        stats = engine.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    elapsed = time.monotonic() - start
+    if args.stats:
+        Path(args.stats).write_text(json.dumps({**stats.as_dict(), "elapsed_s": elapsed}))
+    rate = stats.consumed / elapsed if elapsed > 0 else 0.0
+    print(
+        f"spr run: consumed {stats.consumed} event(s) in {elapsed:.1f} s ({rate:,.0f}/s): "
+        f"{stats.applied} applied, {stats.stale} stale, {stats.collapsed} collapsed, "
+        f"{stats.duplicate} duplicate, {stats.invalid} invalid; {stats.flushes} flush(es)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
+    argv = [sys.executable, "-m", "spr", "run", "--workers", "1"]
+    for topic in args.topics or []:
+        argv += ["--topic", topic]
+    options = {
+        "--group": args.group_id,
+        "--dsn": args.dsn,
+        "--bootstrap": args.bootstrap,
+        "--table": args.table,
+        "--mapping": args.mapping_preset,
+        "--config": args.config,
+        "--idle-exit": args.idle_exit_s,
+        "--max-events": args.max_events,
+        "--batch-max-rows": args.batch_max_rows,
+        "--batch-max-age-ms": args.batch_max_age_ms,
+        "--stats": f"{args.stats}.{index}" if args.stats else None,
+    }
+    for flag, value in options.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.auto_create_schema:
+        argv.append("--auto-create-schema")
+    if args.verbose:
+        argv.append("-v")
+    for item in args.kafka:
+        argv += ["-X", item]
+    return argv
+
+
+def _run_workers(args: argparse.Namespace, workers: int) -> int:
+    """Run ``workers`` engine processes in one group; forward SIGTERM/SIGINT to them.
+
+    Returns 0 when every worker exited 0, else the first non-zero exit code (a worker
+    killed by a signal counts as failed)."""
+    children = [subprocess.Popen(_child_argv(args, i)) for i in range(workers)]
+
+    def _forward(signum: int, frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, _forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failed = [c for c in codes if c != 0]
+    if failed:
+        print(f"spr run: {len(failed)} of {workers} worker(s) failed", file=sys.stderr)
+        return failed[0] if failed[0] > 0 else 1
+    return 0
+
+
+def _db_init(args: argparse.Namespace) -> int:
+    dsn, mapping, timeout_ms = load_table_config(
+        file=args.config,
+        flags={"dsn": args.dsn, "table": args.table, "mapping_preset": args.mapping_preset},
+    )
+    with PostgresSink(dsn, mapping=mapping, statement_timeout_ms=timeout_ms) as sink:
+        sink.init_schema()
+    print(
+        f"spr db init: tables {mapping.table} and {mapping.offsets_table} are ready "
+        f"in {redact_dsn(dsn)}"
+    )
+    return 0

@@ -1,0 +1,480 @@
+"""The PostgreSQL sink: one batch, one transaction, state and offsets together.
+
+A flush (:meth:`PostgresSink.flush`) is a single transaction of three statements:
+
+1. ``COPY`` the batch (binary) into a per-connection temporary staging table;
+2. ``INSERT ... SELECT ... ON CONFLICT (key) DO UPDATE ... WHERE excluded.sequence >
+   table.sequence``: the sequence guard, so a row only ever moves forward;
+3. upsert the consumed offsets with ``GREATEST``, so an offset never moves backwards.
+
+Because both effects commit together and both are monotonic, a flush is idempotent: a
+replay after a crash, a retry after an ambiguous commit, or a stale owner's late batch
+(a zombie) can never regress state or offsets. Every statement runs under the
+connection's ``statement_timeout``; every identifier is quoted with :mod:`psycopg.sql`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import sql
+
+from spr._event import COLUMN_TYPES, STATE_COLUMNS
+from spr.config import DEFAULT_MAPPING, TableMapping
+from spr.errors import ConfigError, ServerUnavailable
+
+__all__ = [
+    "STAGING_TABLE",
+    "BatchLike",
+    "FlushResult",
+    "PostgresSink",
+    "is_transient",
+    "redact_dsn",
+]
+
+log = logging.getLogger("spr.sink")
+
+STAGING_TABLE = "spr_staging"
+_COPY_FORMATS = {"binary": sql.SQL("binary"), "text": sql.SQL("text"), "csv": sql.SQL("csv")}
+
+
+class BatchLike(Protocol):
+    """What :meth:`PostgresSink.flush` needs from a batch (:class:`spr.batch.Batch`)."""
+
+    COPY_FORMAT: str
+
+    @property
+    def columns(self) -> tuple[str, ...]: ...
+
+    @property
+    def row_count(self) -> int: ...
+
+    def next_offsets(self) -> dict[tuple[str, int], int]: ...
+
+    def copy_data(self) -> bytes: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlushResult:
+    """What one committed flush did.
+
+    ``rows`` were staged; ``applied`` of them inserted or replaced a row; ``stale`` were
+    refused by the sequence guard (an equal or newer sequence was already stored).
+    ``offsets`` is the batch's ``(topic, partition) -> next offset``, now durable.
+    """
+
+    rows: int
+    applied: int
+    stale: int
+    offsets: Mapping[tuple[str, int], int]
+
+
+# SQLSTATE classes and codes that a retry can cure (design §6). Issue 6 moves this table
+# into spr.retry; the sink only needs it to decide whether to reconnect.
+_TRANSIENT_CLASSES = ("08", "53")
+_TRANSIENT_CODES = {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when a database error is worth retrying (connection loss, serialization
+    failure, deadlock, lock or statement timeout, shutdown, resource exhaustion)."""
+    if isinstance(exc, ServerUnavailable):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    code = exc.sqlstate
+    if code is None:
+        # No SQLSTATE: the connection itself failed (refused, reset, closed).
+        return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+    return code[:2] in _TRANSIENT_CLASSES or code in _TRANSIENT_CODES
+
+
+_PASSWORD_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ``***``, safe to print or log."""
+    dsn = _PASSWORD_URL.sub(r"\1***\3", dsn)
+    dsn = re.sub(r"([?&]password=)[^&]*", r"\1***", dsn, flags=re.IGNORECASE)
+    return _PASSWORD_KV.sub(r"\1***", dsn)
+
+
+def _qualified(schema: str | None, name: str) -> sql.Identifier:
+    return sql.Identifier(schema, name) if schema else sql.Identifier(name)
+
+
+class PostgresSink:
+    """Writes batches and offsets to PostgreSQL for one consumer group.
+
+    One sink owns one connection and is not thread-safe, except :meth:`cancel`, which
+    any thread may call to abort the statement in progress. Methods block on the
+    database. Connection failures raise :class:`ServerUnavailable`; other database
+    errors propagate as :class:`psycopg.Error` (see :func:`is_transient`). After an
+    error the sink reconnects on its next call.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        group_id: str | None = None,
+        mapping: TableMapping = DEFAULT_MAPPING,
+        statement_timeout_ms: int = 30_000,
+        connect_timeout_s: float = 5.0,
+        application_name: str = "spr",
+    ) -> None:
+        self.dsn = dsn
+        self.group_id = group_id
+        self.mapping = mapping
+        self.statement_timeout_ms = statement_timeout_ms
+        self.connect_timeout_s = connect_timeout_s
+        self.application_name = application_name
+        self._conn: psycopg.Connection[Any] | None = None
+        self._conn_lock = threading.Lock()
+        self._table = _qualified(mapping.schema, mapping.table)
+        self._offsets = _qualified(mapping.schema, mapping.offsets_table)
+        self._merge_sql = self._build_merge()
+        self._offsets_sql = self._build_offsets_upsert()
+
+    # -- connection -------------------------------------------------------------------
+
+    def connect(self) -> psycopg.Connection[Any]:
+        """Open the connection if it is not open; raises ServerUnavailable."""
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        self._drop_connection()
+        try:
+            conn = psycopg.connect(
+                self.dsn,
+                autocommit=True,
+                connect_timeout=max(1, round(self.connect_timeout_s)),
+                application_name=self.application_name,
+            )
+        except psycopg.OperationalError as exc:
+            raise ServerUnavailable(
+                f"cannot connect to PostgreSQL at {redact_dsn(self.dsn)}: {_first_line(exc)}"
+            ) from exc
+        try:
+            conn.execute(
+                sql.SQL("SET statement_timeout = {}").format(
+                    sql.Literal(int(self.statement_timeout_ms))
+                )
+            )
+            # The staging table lives as long as the connection; ON COMMIT DELETE ROWS
+            # empties it after every flush, and a rollback discards it too.
+            columns = sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(COLUMN_TYPES[c]))
+                for c in STATE_COLUMNS
+            )
+            conn.execute(
+                sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+                    sql.Identifier(STAGING_TABLE), columns
+                )
+            )
+        except BaseException:
+            conn.close()
+            raise
+        with self._conn_lock:
+            self._conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close the connection (idempotent; never raises)."""
+        self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        with self._conn_lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            # Closing a broken connection must not mask the real error.
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def cancel(self) -> None:
+        """Abort the statement running on this sink's connection, from any thread.
+
+        The flush in progress fails with QueryCanceled and its transaction rolls back,
+        unless it had already committed. Never raises; a no-op when idle.
+        """
+        with self._conn_lock:
+            conn = self._conn
+        if conn is None:
+            return
+        try:
+            conn.cancel_safe(timeout=2.0)
+        except Exception as exc:  # the flush is then bounded by statement_timeout instead
+            log.debug("cancel failed: %s", exc)
+
+    def __enter__(self) -> PostgresSink:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema -----------------------------------------------------------------------
+
+    def init_schema(self) -> None:
+        """Create the state and offsets tables, or fit an existing state table.
+
+        Idempotent. A missing table is created with every mapped column, the ``now``
+        columns (default ``now()``) and a primary key on the mapping's key. An existing
+        table (a user's own, like ``orders``) gains any mapped column it lacks, notably
+        the sequence column of the guard, and a unique index on the key when it has no
+        matching primary key or unique constraint. Blocks; raises on database errors.
+        """
+        mapping = self.mapping
+        conn = self.connect()
+        with conn.transaction():
+            if mapping.schema:
+                conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(mapping.schema))
+                )
+            # Serialise concurrent `spr db init` / auto-create runs.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('spr.init_schema'))")
+            if self._regclass(conn, self._table) is None:
+                conn.execute(self._create_state_table())
+            else:
+                for target, _ in mapping.columns:
+                    conn.execute(
+                        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                            self._table,
+                            sql.Identifier(target),
+                            sql.SQL(mapping.column_type(target)),
+                        )
+                    )
+                for column in mapping.now_columns:
+                    conn.execute(
+                        sql.SQL(
+                            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} timestamptz DEFAULT now()"
+                        ).format(self._table, sql.Identifier(column))
+                    )
+                if not self._has_unique_key(conn):
+                    conn.execute(
+                        sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                            sql.Identifier(f"{mapping.table}_spr_key"),
+                            self._table,
+                            sql.SQL(", ").join(sql.Identifier(c) for c in mapping.key),
+                        )
+                    )
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} ("
+                    "group_id text NOT NULL, topic text NOT NULL, partition integer NOT NULL, "
+                    "next_offset bigint NOT NULL, updated_at timestamptz DEFAULT now(), "
+                    "PRIMARY KEY (group_id, topic, partition))"
+                ).format(self._offsets)
+            )
+
+    def _create_state_table(self) -> sql.Composed:
+        mapping = self.mapping
+        not_null = {"sequence", "state"}
+        parts: list[sql.Composable] = []
+        for target, source in mapping.columns:
+            nullable = " NOT NULL" if source in not_null or target in mapping.key else ""
+            parts.append(
+                sql.SQL("{} {}{}").format(
+                    sql.Identifier(target), sql.SQL(COLUMN_TYPES[source]), sql.SQL(nullable)
+                )
+            )
+        for column in mapping.now_columns:
+            parts.append(sql.SQL("{} timestamptz DEFAULT now()").format(sql.Identifier(column)))
+        parts.append(
+            sql.SQL("PRIMARY KEY ({})").format(
+                sql.SQL(", ").join(sql.Identifier(c) for c in mapping.key)
+            )
+        )
+        return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+            self._table, sql.SQL(", ").join(parts)
+        )
+
+    def verify_schema(self) -> None:
+        """Check that the tables exist and fit the mapping; raises ConfigError saying
+        what is missing and that ``spr db init`` (or auto-create) fixes it."""
+        mapping = self.mapping
+        conn = self.connect()
+        hint = "run `spr db init` or pass --auto-create-schema"
+        for ident, name in ((self._table, mapping.table), (self._offsets, mapping.offsets_table)):
+            if self._regclass(conn, ident) is None:
+                raise ConfigError(f"table {name} does not exist; {hint}")
+        present = self._columns_of(conn, self._table)
+        wanted = [t for t, _ in mapping.columns] + list(mapping.now_columns)
+        missing = [c for c in wanted if c not in present]
+        if missing:
+            raise ConfigError(f"table {mapping.table} lacks column(s) {', '.join(missing)}; {hint}")
+        if not self._has_unique_key(conn):
+            raise ConfigError(
+                f"table {mapping.table} has no primary key or unique index on "
+                f"({', '.join(mapping.key)}); {hint}"
+            )
+
+    def ensure_schema(self, *, auto_create: bool) -> None:
+        """``init_schema`` when ``auto_create``, else ``verify_schema``."""
+        if auto_create:
+            self.init_schema()
+        else:
+            self.verify_schema()
+
+    def _regclass(self, conn: psycopg.Connection[Any], ident: sql.Identifier) -> Any:
+        row = conn.execute("SELECT to_regclass(%s)::oid", (ident.as_string(conn),)).fetchone()
+        return None if row is None else row[0]
+
+    def _columns_of(self, conn: psycopg.Connection[Any], ident: sql.Identifier) -> set[str]:
+        rows = conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+            "AND attnum > 0 AND NOT attisdropped",
+            (ident.as_string(conn),),
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def _has_unique_key(self, conn: psycopg.Connection[Any]) -> bool:
+        rows = conn.execute(
+            "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_index i "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+            "WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indpred IS NULL "
+            "AND i.indexprs IS NULL GROUP BY i.indexrelid",
+            (self._table.as_string(conn),),
+        ).fetchall()
+        wanted = sorted(self.mapping.key)
+        return any(sorted(r[0]) == wanted for r in rows)
+
+    # -- flush ------------------------------------------------------------------------
+
+    def _build_merge(self) -> sql.Composed:
+        mapping = self.mapping
+        targets = [t for t, _ in mapping.columns]
+        sources = [s for _, s in mapping.columns]
+        key_sources = [dict(mapping.columns)[k] for k in mapping.key]
+        select_cols: list[sql.Composable] = [sql.Identifier(s) for s in sources]
+        select_cols += [sql.SQL("now()") for _ in mapping.now_columns]
+        insert_cols = [sql.Identifier(t) for t in [*targets, *mapping.now_columns]]
+        if mapping.key_is_entity:
+            # The batch already holds one row per entity; the ORDER BY gives concurrent
+            # flushers (a zombie and the new owner) the same lock order: no deadlocks.
+            select = sql.SQL("SELECT {} FROM {} ORDER BY {}").format(
+                sql.SQL(", ").join(select_cols),
+                sql.Identifier(STAGING_TABLE),
+                sql.SQL(", ").join(sql.Identifier(s) for s in key_sources),
+            )
+        else:
+            # The key drops part of the entity identity: collapse again, newest first.
+            select = sql.SQL(
+                "SELECT DISTINCT ON ({key}) {cols} FROM {staging} "
+                "ORDER BY {key}, sequence DESC, kafka_offset DESC"
+            ).format(
+                key=sql.SQL(", ").join(sql.Identifier(s) for s in key_sources),
+                cols=sql.SQL(", ").join(select_cols),
+                staging=sql.Identifier(STAGING_TABLE),
+            )
+        updates = [
+            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(t))
+            for t in [*targets, *mapping.now_columns]
+            if t not in mapping.key
+        ]
+        seq = sql.Identifier(mapping.sequence_column)
+        return sql.SQL(
+            "INSERT INTO {table} AS t ({cols}) {select} "
+            "ON CONFLICT ({key}) DO UPDATE SET {updates} "
+            "WHERE t.{seq} IS NULL OR excluded.{seq} > t.{seq}"
+        ).format(
+            table=self._table,
+            cols=sql.SQL(", ").join(insert_cols),
+            select=select,
+            key=sql.SQL(", ").join(sql.Identifier(k) for k in mapping.key),
+            updates=sql.SQL(", ").join(updates),
+            seq=seq,
+        )
+
+    def _build_offsets_upsert(self) -> sql.Composed:
+        return sql.SQL(
+            "INSERT INTO {offsets} AS o (group_id, topic, partition, next_offset, updated_at) "
+            "SELECT %s, u.topic, u.partition, u.next_offset, now() "
+            "FROM unnest(%s::text[], %s::integer[], %s::bigint[]) "
+            "AS u(topic, partition, next_offset) ORDER BY u.topic, u.partition "
+            "ON CONFLICT (group_id, topic, partition) DO UPDATE "
+            "SET next_offset = GREATEST(o.next_offset, excluded.next_offset), updated_at = now()"
+        ).format(offsets=self._offsets)
+
+    def flush(self, batch: BatchLike) -> FlushResult:
+        """Write one batch and its offsets in one transaction; blocks until committed.
+
+        The batch's columns must be :data:`spr.batch.STATE_COLUMNS` (the staging layout).
+        An empty batch with offsets still moves the offsets. On any error the
+        transaction is rolled back and the error propagates (connection loss as
+        :class:`ServerUnavailable` or :class:`psycopg.OperationalError`); nothing is
+        half-written. Calling it again with the same batch is always safe.
+        """
+        if tuple(batch.columns) != STATE_COLUMNS:
+            raise ConfigError("the sink stages every column: build the Batch with STATE_COLUMNS")
+        copy_format = _COPY_FORMATS.get(batch.COPY_FORMAT)
+        if copy_format is None:
+            raise ConfigError(f"unsupported COPY format {batch.COPY_FORMAT!r}")
+        if not self.group_id:
+            raise ConfigError("the sink needs a consumer group id to store offsets")
+        offsets = batch.next_offsets()
+        rows = batch.row_count
+        conn = self.connect()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                applied = 0
+                if rows:
+                    copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(
+                        sql.Identifier(STAGING_TABLE),
+                        sql.SQL(", ").join(sql.Identifier(c) for c in STATE_COLUMNS),
+                        copy_format,
+                    )
+                    with cur.copy(copy_sql) as copy:
+                        copy.write(batch.copy_data())
+                    cur.execute(self._merge_sql)
+                    applied = max(cur.rowcount, 0)
+                if offsets:
+                    keys = sorted(offsets)
+                    cur.execute(
+                        self._offsets_sql,
+                        (
+                            self.group_id,
+                            [t for t, _ in keys],
+                            [p for _, p in keys],
+                            [offsets[k] for k in keys],
+                        ),
+                    )
+        except psycopg.Error:
+            if conn.broken or conn.closed:
+                self._drop_connection()
+            raise
+        return FlushResult(rows=rows, applied=applied, stale=rows - applied, offsets=offsets)
+
+    # -- offsets ----------------------------------------------------------------------
+
+    def load_offsets(self, group: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+        """The stored next offsets of ``group`` on ``topics``: ``(topic, partition) ->
+        next_offset``. Partitions never flushed are absent. Blocks; raises on errors."""
+        topic_list = sorted(set(topics))
+        conn = self.connect()
+        try:
+            rows = conn.execute(
+                sql.SQL(
+                    "SELECT topic, partition, next_offset FROM {} "
+                    "WHERE group_id = %s AND topic = ANY(%s)"
+                ).format(self._offsets),
+                (group, topic_list),
+            ).fetchall()
+        except psycopg.Error:
+            if conn.broken or conn.closed:
+                self._drop_connection()
+            raise
+        return {(str(t), int(p)): int(n) for t, p, n in rows}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,167 @@
+"""Configuration: validation on construction, layering, and the one Kafka merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spr.config import (
+    CONSUMER_DEFAULTS,
+    DEFAULT_MAPPING,
+    ORDERS_MAPPING,
+    BackpressurePolicy,
+    BatchPolicy,
+    EngineConfig,
+    TableMapping,
+    load_engine_config,
+    load_table_config,
+    merge_kafka_config,
+    uses_cooperative_rebalance,
+)
+from spr.errors import ConfigError
+from spr.sink.postgres import redact_dsn
+
+
+def test_user_kafka_keys_win_and_defaults_follow_design() -> None:
+    merged = merge_kafka_config(CONSUMER_DEFAULTS, {"fetch.queue.backoff.ms": "1", "x.y": "z"})
+    assert merged["fetch.queue.backoff.ms"] == "1"
+    assert merged["x.y"] == "z"
+    assert merged["enable.auto.commit"] == "false"
+    assert merged["enable.auto.offset.store"] == "false"
+    assert merged["partition.assignment.strategy"] == "cooperative-sticky"
+    assert merged["fetch.max.bytes"] == "10485760"
+    assert merged["max.partition.fetch.bytes"] == "1048576"
+    assert dict(CONSUMER_DEFAULTS)["fetch.queue.backoff.ms"] == "10"  # not mutated
+
+
+def test_consumer_protocol_drops_classic_defaults_but_keeps_user_keys() -> None:
+    merged = merge_kafka_config(CONSUMER_DEFAULTS, {"group.protocol": "consumer"})
+    for key in ("partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms"):
+        assert key not in merged
+    kept = merge_kafka_config(
+        CONSUMER_DEFAULTS, {"group.protocol": "consumer", "session.timeout.ms": "7000"}
+    )
+    assert kept["session.timeout.ms"] == "7000"
+
+
+@pytest.mark.parametrize(
+    ("conf", "cooperative"),
+    [
+        ({"partition.assignment.strategy": "cooperative-sticky"}, True),
+        ({"partition.assignment.strategy": "range"}, False),
+        ({"partition.assignment.strategy": "range,cooperative-sticky"}, False),
+        ({}, False),
+        ({"group.protocol": "consumer"}, True),
+    ],
+)
+def test_rebalance_kind(conf: dict[str, str], cooperative: bool) -> None:
+    assert uses_cooperative_rebalance(conf) is cooperative
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: BatchPolicy(max_rows=0),
+        lambda: BatchPolicy(max_age_ms=-1),
+        lambda: BackpressurePolicy(resume_ratio=1.0),
+        lambda: BackpressurePolicy(cool_down_ms=100, max_cool_down_ms=50),
+        lambda: EngineConfig(group_id="", topics=("t",)),
+        lambda: EngineConfig(group_id="g", topics=()),
+        lambda: EngineConfig(group_id="g", topics=("t", "t")),
+        lambda: EngineConfig(group_id="g", topics=("t",), kafka={"enable.auto.commit": "true"}),
+        lambda: EngineConfig(group_id="g", topics=("t",), on_offset_gap="skip"),
+        lambda: TableMapping(columns=(("entity_id", "entity_id"),), key=("entity_id",)),
+        lambda: TableMapping(columns=(("id", "nope"), ("sequence", "sequence")), key=("id",)),
+        lambda: TableMapping(table="a", offsets_table="a"),
+        lambda: TableMapping(key=("missing",)),
+    ],
+)
+def test_bad_values_fail_on_construction(build: object) -> None:
+    with pytest.raises(ConfigError):
+        build()  # type: ignore[operator]
+
+
+def test_mappings() -> None:
+    assert DEFAULT_MAPPING.key_is_entity
+    assert not ORDERS_MAPPING.key_is_entity
+    assert ORDERS_MAPPING.sequence_column == "sequence"
+    assert ORDERS_MAPPING.column_type("payload") == "jsonb"
+    mapping = TableMapping.from_mapping({"preset": "orders", "name": "my_orders"})
+    assert mapping.table == "my_orders" and mapping.key == ("order_id",)
+    with pytest.raises(ConfigError):
+        TableMapping.from_mapping({"preset": "nope"})
+    with pytest.raises(ConfigError):
+        TableMapping.from_mapping({"colour": "blue"})
+
+
+def test_revoke_budget_is_a_fifth_of_the_poll_interval() -> None:
+    config = EngineConfig(group_id="g", topics=("t",), kafka={"max.poll.interval.ms": "30000"})
+    assert config.effective_revoke_budget_ms == 6_000
+    assert config.consumer_config()["group.id"] == "g"
+
+
+def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "spr.toml"
+    path.write_text(
+        'group = "from-file"\ntopics = ["a", "b"]\ndsn = "postgresql://file"\n'
+        "idle_exit_s = 5\n[batch]\nmax_rows = 10\n[backpressure]\nslow_flush_ms = 80\n"
+        '[kafka]\n"session.timeout.ms" = 7000\n"fetch.wait.max.ms" = 100\n'
+        '[table]\npreset = "orders"\nname = "file_orders"\n'
+    )
+    environ = {
+        "SPR_DSN": "postgresql://env",
+        "SPR_BATCH_MAX_ROWS": "20",
+        "SPR_KAFKA_FETCH_WAIT_MAX_MS": "200",
+    }
+    config = load_engine_config(
+        file=path,
+        environ=environ,
+        flags={"group_id": "from-flag", "table": None, "batch_max_age_ms": 7},
+        kafka_flags={"session.timeout.ms": "9000"},
+    )
+    assert config.group_id == "from-flag"
+    assert config.topics == ("a", "b")
+    assert config.dsn == "postgresql://env"
+    assert config.idle_exit_s == 5
+    assert config.batch == BatchPolicy(max_rows=20, max_age_ms=7)
+    assert config.backpressure.slow_flush_ms == 80
+    assert config.kafka["session.timeout.ms"] == "9000"
+    assert config.kafka["fetch.wait.max.ms"] == "200"
+    assert config.mapping.table == "file_orders" and config.mapping.key == ("order_id",)
+    dsn, mapping, _ = load_table_config(file=path, environ={}, flags={"table": "flagged"})
+    assert dsn == "postgresql://file" and mapping.table == "flagged"
+
+
+def test_defaults_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_engine_config(environ={}, flags={"group_id": "g", "topics": ("t",)})
+    assert config.bootstrap == "127.0.0.1:9092"
+    assert config.dsn.startswith("postgresql://spr@127.0.0.1")
+    assert config.mapping == DEFAULT_MAPPING
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [("not toml = = =", "not valid TOML"), ("colour = 1", "unknown key"),
+     ("[batch]\nmax_rows = 'x'", "must be a number")],
+)  # fmt: skip
+def test_bad_files(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_engine_config(file=path, environ={}, flags={"group_id": "g", "topics": ("t",)})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_engine_config(file=tmp_path / "missing.toml", environ={})
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://user:s3cret@host:5432/db",
+        "host=h user=u password=s3cret dbname=d",
+        "postgresql://user@host/db?password=s3cret&sslmode=require",
+    ],
+)
+def test_redact_dsn(dsn: str) -> None:
+    assert "s3cret" not in redact_dsn(dsn)
+    assert "***" in redact_dsn(dsn)
