@@ -47,9 +47,11 @@ __all__ = [
 KAFKA_VERSION = "4.1.1"
 LOG4J_VERSION = "2.24.3"
 KAFKA_HOST = "127.0.0.1"
-KAFKA_PORT = 9092
-CONTROLLER_PORT = 9093
-PG_PORT = 55432
+# The ports can be moved (SPR_DEV_KAFKA_PORT, SPR_DEV_PG_PORT), so that a second stack,
+# say a CI run from a clean clone, can live beside a developer's own.
+KAFKA_PORT = int(os.environ.get("SPR_DEV_KAFKA_PORT", "9092"))
+CONTROLLER_PORT = KAFKA_PORT + 1
+PG_PORT = int(os.environ.get("SPR_DEV_PG_PORT", "55432"))
 DEFAULT_BOOTSTRAP = f"{KAFKA_HOST}:{KAFKA_PORT}"
 DEFAULT_DSN = f"postgresql://spr@127.0.0.1:{PG_PORT}/spr"
 

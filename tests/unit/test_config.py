@@ -19,6 +19,7 @@ from spr.config import (
     merge_kafka_config,
     uses_cooperative_rebalance,
 )
+from spr.devstack import DEFAULT_BOOTSTRAP, DEFAULT_DSN
 from spr.errors import ConfigError
 from spr.sink.postgres import redact_dsn
 
@@ -135,8 +136,8 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
 
 def test_defaults_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
     config = load_engine_config(environ={}, flags={"group_id": "g", "topics": ("t",)})
-    assert config.bootstrap == "127.0.0.1:9092"
-    assert config.dsn.startswith("postgresql://spr@127.0.0.1")
+    assert config.bootstrap == DEFAULT_BOOTSTRAP
+    assert config.dsn == DEFAULT_DSN
     assert config.mapping == DEFAULT_MAPPING
 
 
