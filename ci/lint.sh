@@ -6,6 +6,6 @@ PY=${PY:-.venv/bin/python}
 "$PY" -m ruff check src tests benchmarks examples
 "$PY" -m ruff format --check src tests benchmarks examples
 "$PY" -m mypy --strict src
-"$PY" -m cython_lint src/spr/_core.pyx
+"$(dirname "$PY")/cython-lint" src/spr/_core.pyx
 "$PY" -m mypy.stubtest spr._core --mypy-config-file pyproject.toml
 echo "ci/lint: ok"
