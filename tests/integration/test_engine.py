@@ -178,8 +178,8 @@ def test_bad_setups_fail_fast_with_one_sentence(
 ) -> None:  # fmt: skip
     topic = make_topic(partitions=1)
     cases = [
-        (["--topic", topic, "--group", "g", "--bootstrap", "127.0.0.1:1", "--dsn", dsn],
-         "cannot reach Kafka"),
+        (["--topic", topic, "--group", "g", "--bootstrap", "127.0.0.1:1", "--dsn", dsn,
+          "--auto-create-schema", "--table", unique_name("t")], "cannot reach Kafka"),
         (["--topic", topic, "--group", "g", "--dsn", "postgresql://u:hunter2@127.0.0.1:1/x"],
          "cannot connect to PostgreSQL"),
         (["--topic", "no-such-topic-xyz", "--group", "g", "--dsn", dsn, "--auto-create-schema",

@@ -209,7 +209,7 @@ def test_replay_into_a_fresh_table_is_deterministic(
     assert all(r[4]["amount"] == newest[(r[0], r[1])]["amount"] for r in original)
     assert _stored(pg, group, topic) and sum(_stored(pg, group, topic).values()) == total
 
-    out = _spr("replay", "--group", group, "--to-offset", "0", "--into", copy,
+    out = _spr("replay", "--group", group, "--to-offset", "0", "--table", table, "--into", copy,
                bootstrap=bootstrap, dsn=dsn)  # fmt: skip
     assert out.returncode == 0, out.stderr
     command = re.search(r"^then run: (spr run .*)$", out.stdout, re.MULTILINE)
