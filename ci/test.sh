@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: lint, bring up the real local stack, run the unit and integration
-# suites against it, the micro-benchmarks once each, and check the wheel.
+# suites against it, a short end-to-end benchmark whose verification must pass, the
+# micro-benchmarks once each, asv's quick run, and the wheel check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash ci/setup.sh
@@ -10,5 +11,9 @@ export PATH="$PWD/.venv/bin:$PATH"
 bash ci/lint.sh
 spr dev up
 "$PY" -m pytest tests/unit tests/integration -p no:cacheprovider "$@"
+# Correctness, not speed: exits non-zero unless the table matches the expected state.
+spr bench --events 100000 --entities 10000 --skip quix,antipattern,latency -q
 "$PY" -m pytest tests/bench -q -p no:cacheprovider --benchmark-disable
+asv machine --yes >/dev/null
+asv run --quick --python=same --show-stderr
 "$PY" ci/check_wheel.py
