@@ -68,3 +68,20 @@ class BatchAssembly:
 
     def time_add_and_copy_data(self, impl: str) -> None:
         w.assemble(w.IMPLEMENTATIONS[impl], self.events)
+
+
+class Ingest:
+    """Batch.ingest on real Messages of the spr bench workload, and the old separate
+    steps (decode_batch, fingerprints, ring, Batch.add) on the compiled core."""
+
+    params: ClassVar[list[str]] = [*IMPLEMENTATIONS, "separate-steps"]
+    param_names: ClassVar[list[str]] = ["impl"]
+
+    def setup(self, impl: str) -> None:
+        self.messages = w.consumed_messages(20_000)
+
+    def time_ingest(self, impl: str) -> Any:
+        if impl == "separate-steps":
+            core = w.IMPLEMENTATIONS.get("compiled", w.IMPLEMENTATIONS["python"])
+            return w.separate_steps(core, self.messages)
+        return w.ingest(w.IMPLEMENTATIONS[impl], self.messages)

@@ -9,6 +9,7 @@ import random
 from array import array
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 import msgspec
 
@@ -121,3 +122,67 @@ def assemble(core: ModuleType, events: Sequence[Event]) -> bytes:
 
 
 Workload = Callable[[], object]
+
+
+def consumed_messages(n: int, partitions: int = 12, run: int = 64) -> list[Any]:
+    """n real ``confluent_kafka.Message`` objects of the ``spr bench`` workload (keys,
+    5% duplicates, 2% stale events), in per-partition runs of ``run`` messages as
+    ``consume()`` returns them. Falls back to plain objects with the same methods when
+    the client cannot build Messages."""
+    from spr.loadgen import LoadSpec, generate
+
+    spec = LoadSpec(count=n, entities=100_000, seed=3, duplicates=0.05, stale=0.02)
+    events = list(generate(spec))
+    by_partition: list[list[Any]] = [[] for _ in range(partitions)]
+    for index, event in enumerate(events):
+        by_partition[index % partitions].append(event)
+    messages: list[Any] = []
+    cursors = [0] * partitions
+    while len(messages) < n:
+        for partition in range(partitions):
+            chunk = by_partition[partition][cursors[partition] : cursors[partition] + run]
+            for position, event in enumerate(chunk, start=cursors[partition]):
+                messages.append(
+                    _message("bench", partition, position, event.key.encode(), event.value)
+                )
+            cursors[partition] += len(chunk)
+    return messages
+
+
+def _message(topic: str, partition: int, offset: int, key: bytes, value: bytes) -> Any:
+    from confluent_kafka import Message
+
+    # A str of its own per message, as confluent_kafka's consume() makes them.
+    topic = "".join(topic)
+    return Message(topic=topic, partition=partition, offset=offset, key=key, value=value,
+                   timestamp=(1, 1_700_000_000_000 + offset))  # fmt: skip
+
+
+def ingest(core: ModuleType, messages: Sequence[Any], chunk: int = 2_000) -> bytes:
+    """The engine's path: ``Batch.ingest`` per consume()-sized chunk, then the COPY data."""
+    batch = core.Batch()
+    ring = core.IdempotencyRing(RING_CAPACITY, RING_TTL_MS)
+    for start in range(0, len(messages), chunk):
+        batch.ingest(messages[start : start + chunk], ring, 1000)
+    data: bytes = batch.copy_data()
+    return data
+
+
+def separate_steps(core: ModuleType, messages: Sequence[Any], chunk: int = 2_000) -> bytes:
+    """The engine's path before the fused ingest: read each message, decode_batch,
+    fingerprints, seen_or_add_many, Batch.add (no key check), then the COPY data."""
+    batch = core.Batch()
+    ring = core.IdempotencyRing(RING_CAPACITY, RING_TTL_MS)
+    for start in range(0, len(messages), chunk):
+        part = messages[start : start + chunk]
+        values = [m.value() for m in part]
+        offsets = [m.offset() for m in part]
+        events, _ = core.decode_batch(values, offsets, [m.timestamp()[1] for m in part])
+        fps = [core.event_fingerprint(e.entity_type, e.entity_id, e.sequence) for e in events]
+        for m, e, seen in zip(part, events, ring.seen_or_add_many(fps, 1000), strict=True):
+            if seen:
+                batch.advance(m.topic(), m.partition(), m.offset())
+            else:
+                batch.add(e, m.topic(), m.partition(), m.offset())
+    data: bytes = batch.copy_data()
+    return data

@@ -1,9 +1,9 @@
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, final
 
 from typing_extensions import Self
 
-from spr._event import DecodeLimits, Event
+from spr._event import DecodeLimits, Event, IngestResult
 
 __all__ = [
     "PROBE_WINDOW",
@@ -77,7 +77,17 @@ class Batch:
     def __len__(self) -> int: ...
     def add(self, event: Event, topic: str, partition: int, offset: int) -> None: ...
     def advance(self, topic: str, partition: int, offset: int) -> None: ...
+    def ingest(
+        self,
+        messages: Iterable[Any],
+        ring: IdempotencyRing,
+        now_ms: int,
+        assigned: Container[tuple[str, int]] | None = ...,
+        limits: DecodeLimits = ...,
+        check_keys: bool = ...,
+    ) -> IngestResult: ...
     def next_offsets(self) -> dict[tuple[str, int], int]: ...
     def rows(self) -> list[tuple[Any, ...]]: ...
     def copy_data(self) -> bytes: ...
+    def copy_chunks(self, chunk_bytes: int = ...) -> Iterator[bytes]: ...
     def clear(self) -> None: ...

@@ -7,9 +7,9 @@ message, the COPY encoder) are plain C; Python objects appear only at the bounda
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
 
@@ -50,9 +50,12 @@ from spr._event import (
     STATE_COLUMNS,
     Event,
     CanonicalEvent,
+    IngestResult,
     RawEvent,
     reason_alias_type,
     reason_from_msgspec,
+    reason_key_mismatch,
+    reason_key_missing,
     reason_too_big,
     reason_too_deep,
 )
@@ -637,8 +640,31 @@ cdef Py_ssize_t _default_max_bytes = DEFAULT_LIMITS.max_bytes
 cdef int64_t _default_max_depth = DEFAULT_LIMITS.max_depth
 
 
+@cython.final
+cdef class _Fields:
+    # One decoded event's canonical fields, refilled per message by _decode_fields so
+    # that the fused ingest builds no Event; event_id may be None or empty (the caller
+    # supplies the idempotency-key fallback).
+    cdef object event_id
+    cdef str entity_type
+    cdef str entity_id
+    cdef object sequence
+    cdef str state
+    cdef object timestamp
+
+
 cdef object _decode(object value, object offset, object timestamp_ms,
                     Py_ssize_t max_bytes, int64_t max_depth):
+    cdef _Fields f = _Fields.__new__(_Fields)
+    _decode_fields(value, offset, timestamp_ms, max_bytes, max_depth, f)
+    event_id = f.event_id
+    if not event_id:
+        event_id = f"{f.entity_type}:{f.entity_id}:{f.sequence}"
+    return Event(event_id, f.entity_type, f.entity_id, f.sequence, f.state, f.timestamp, value)
+
+
+cdef int _decode_fields(object value, object offset, object timestamp_ms,
+                        Py_ssize_t max_bytes, int64_t max_depth, _Fields out) except -1:
     cdef Py_ssize_t size
     cdef const uint8_t *data
     cdef int verdict
@@ -679,8 +705,8 @@ cdef object _decode(object value, object offset, object timestamp_ms,
                 and sequence is not None
                 and timestamp is not None
             ):
-                return _build(event_id, entity_type, entity_id, sequence, state, timestamp,
-                              value)
+                return _fill(out, event_id, entity_type, entity_id, sequence, state,
+                             timestamp)
         raw = _raw_decode(value)
     except (_DecodeError, ValueError, RecursionError) as exc:
         raise InvalidEvent(reason_from_msgspec(exc)) from None
@@ -719,20 +745,24 @@ cdef object _decode(object value, object offset, object timestamp_ms,
         event_id = _alias_str(raw, _RAW_EVENTID, "eventId")
         if not event_id:
             event_id = _alias_str(raw, _RAW_ID, "id")
-    return _build(event_id, entity_type, entity_id, sequence, state, timestamp, value)
+    return _fill(out, event_id, entity_type, entity_id, sequence, state, timestamp)
 
 
-cdef inline object _build(object event_id, str entity_type, str entity_id,
-                          object sequence, str state, object timestamp, bytes value):
+cdef inline int _fill(_Fields out, object event_id, str entity_type, str entity_id,
+                      object sequence, str state, object timestamp) except -1:
     if not entity_type:
         raise InvalidEvent(REASON_EMPTY_TYPE)
     if not entity_id:
         raise InvalidEvent(REASON_EMPTY_ID)
     if not state:
         raise InvalidEvent(REASON_EMPTY_STATE)
-    if not event_id:
-        event_id = f"{entity_type}:{entity_id}:{sequence}"
-    return Event(event_id, entity_type, entity_id, sequence, state, timestamp, value)
+    out.event_id = event_id
+    out.entity_type = entity_type
+    out.entity_id = entity_id
+    out.sequence = sequence
+    out.state = state
+    out.timestamp = timestamp
+    return 0
 
 
 cdef object _alias_str(object raw, Py_ssize_t offset, str spelling):
@@ -791,21 +821,220 @@ cdef enum Column:
     COL_KAFKA_OFFSET
 
 
-cdef struct RowPosition:
+cdef struct Row:
+    # One buffered entity. Its text lives in the batch's arena from ``start`` on, in
+    # this order: entity_type, entity_id, state, event_id, payload (``capacity`` bytes
+    # are reserved there, so a newer event of about the same size overwrites in place).
     int64_t sequence
     int64_t offset
+    int64_t timestamp_ms
+    uint64_t hash  # XXH64 of "entity_type:entity_id", for the index
+    Py_ssize_t start
+    Py_ssize_t capacity
     int32_t partition
+    int32_t topic  # index into Batch.topic_names
+    int32_t type_len
+    int32_t id_len
+    int32_t state_len
+    int32_t event_id_len
+    int32_t payload_len
+    char partition_key[16]  # the verified Kafka key of the entity (when key_known)
+    bint key_known
 
+
+cdef struct Text:
+    const char *data
+    Py_ssize_t size
+
+
+cdef Py_ssize_t _ROW_SLACK = 16
+cdef int _KEY_BUFFER = 320
+cdef Py_ssize_t _MAX_FIELD = 0x7FFFFFFF
+
+
+# ----------------------------------------------------------- partition key check cache
+
+cdef struct KeySlot:
+    uint64_t hash  # XXH64 of the routing key; 0 = empty
+    char partition_key[16]
+
+# A direct-mapped memo of partition_key(): SHA-256 through hashlib costs ~230 ns, the
+# memo ~10 ns; 64k slots (1.5 MB) cover the working set of a large batch. A slot is
+# trusted on a full 64-bit hash match of the routing key (a false match needs an
+# XXH64 collision, and then only lets a wrong key pass the check).
+cdef size_t _KEY_SLOTS = 1 << 16
+cdef KeySlot *_key_cache = NULL
+
+
+ctypedef int (*_sha_init_t)(void *ctx) noexcept nogil
+ctypedef int (*_sha_update_t)(void *ctx, const void *data, size_t size) noexcept nogil
+ctypedef int (*_sha_final_t)(unsigned char *digest, void *ctx) noexcept nogil
+cdef _sha_init_t _c_sha_init = NULL
+cdef _sha_update_t _c_sha_update = NULL
+cdef _sha_final_t _c_sha_final = NULL
+cdef bint _c_sha_probed = False
+
+
+cdef int _probe_c_sha256() except -1:
+    # hashlib's SHA-256 is OpenSSL's, behind ~200 ns of Python objects per call. The
+    # same library's low-level SHA256_* functions (SHA-NI where the CPU has it) cost
+    # a few dozen ns. They are used only when found and when they agree with hashlib
+    # on test vectors; otherwise every miss goes through hashlib.
+    global _c_sha_init, _c_sha_update, _c_sha_final, _c_sha_probed
+    cdef uint64_t ctx[32]
+    cdef unsigned char digest[32]
+    _c_sha_probed = True
+    try:
+        import ctypes
+        __import__("_hashlib")  # loads libcrypto
+
+        lib = None
+        for name in ("libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.so", "libcrypto.dylib"):
+            try:
+                lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        if lib is None:
+            return 0
+        init = ctypes.cast(lib.SHA256_Init, ctypes.c_void_p).value
+        update = ctypes.cast(lib.SHA256_Update, ctypes.c_void_p).value
+        final = ctypes.cast(lib.SHA256_Final, ctypes.c_void_p).value
+    except Exception:  # no such library or symbols: hashlib it is
+        return 0
+    if not (init and update and final):
+        return 0
+    _c_sha_init = <_sha_init_t><uintptr_t>init
+    _c_sha_update = <_sha_update_t><uintptr_t>update
+    _c_sha_final = <_sha_final_t><uintptr_t>final
+    for sample in (b"", b"order:1", b"x" * 55, b"y" * 56, b"z" * 200, "ü:é".encode()):
+        if (
+            _c_sha_init(ctx) != 1
+            or _c_sha_update(ctx, PyBytes_AS_STRING(sample), PyBytes_GET_SIZE(sample)) != 1
+            or _c_sha_final(digest, ctx) != 1
+            or digest[:32] != _sha256(sample).digest()
+        ):
+            _c_sha_init = NULL
+            return 0
+    return 0
+
+
+cdef int _partition_key_of(const char *routing, Py_ssize_t size, uint64_t h,
+                           char *out) except -1:
+    global _key_cache
+    cdef KeySlot *slot
+    cdef uint64_t ctx[32]
+    cdef unsigned char digest[32]
+    cdef int i
+    if _key_cache is NULL:
+        _key_cache = <KeySlot *>calloc(_KEY_SLOTS, sizeof(KeySlot))
+        if _key_cache is NULL:
+            raise MemoryError()
+        if not _c_sha_probed:
+            _probe_c_sha256()
+    if h == 0:
+        h = _ZERO_SUBSTITUTE
+    slot = &_key_cache[h & (_KEY_SLOTS - 1)]
+    if slot.hash != h:
+        if (
+            _c_sha_init is not NULL
+            and _c_sha_init(ctx) == 1
+            and _c_sha_update(ctx, routing, size) == 1
+            and _c_sha_final(digest, ctx) == 1
+        ):
+            for i in range(8):
+                slot.partition_key[2 * i] = _HEX[digest[i] >> 4]
+                slot.partition_key[2 * i + 1] = _HEX[digest[i] & 15]
+        else:
+            _hex8(_sha256(PyBytes_FromStringAndSize(routing, size)).digest(),
+                  slot.partition_key)
+        slot.hash = h
+    memcpy(out, slot.partition_key, 16)
+    return 0
+
+
+# ------------------------------------------------------- confluent_kafka.Message access
+
+# Where confluent_kafka's C Message keeps its fields (its struct in confluent_kafka.h).
+# Found once by probing a Message built with known values; when the layout is not
+# the expected one, or the messages are of another type (test doubles), the methods
+# are called instead, with the same results.
+cdef object _message_type = None
+cdef bint _message_probed = False
+cdef Py_ssize_t _MSG_TOPIC = 16
+cdef Py_ssize_t _MSG_VALUE = 24
+cdef Py_ssize_t _MSG_KEY = 32
+cdef Py_ssize_t _MSG_ERROR = 56
+cdef Py_ssize_t _MSG_PARTITION = 64
+cdef Py_ssize_t _MSG_OFFSET = 72
+cdef Py_ssize_t _MSG_TIMESTAMP = 88
+
+
+cdef inline PyObject *_msg_ptr(object message, Py_ssize_t offset) noexcept:
+    return (<PyObject **>((<char *><PyObject *>message) + offset))[0]
+
+
+cdef inline int64_t _msg_i64(object message, Py_ssize_t offset) noexcept:
+    cdef int64_t value
+    memcpy(&value, (<char *><PyObject *>message) + offset, 8)
+    return value
+
+
+cdef inline int32_t _msg_i32(object message, Py_ssize_t offset) noexcept:
+    cdef int32_t value
+    memcpy(&value, (<char *><PyObject *>message) + offset, 4)
+    return value
+
+
+cdef object _probe_message_type():
+    global _message_type, _message_probed
+    _message_probed = True
+    try:
+        from confluent_kafka import KafkaError, Message
+        topic, key, value = "spr-probe", b"spr-probe-key", b"spr-probe-value"
+        m = Message(topic=topic, partition=0x1234567, offset=0x123456789AB, key=key,
+                    value=value, timestamp=(1, 0x1ABCDEF0123))
+        e = Message(error=KafkaError(-191))
+        error = e.error()
+    except Exception:  # no client, or a Message that can't be built: use the methods
+        return None
+    if (
+        type(m).__basicsize__ < _MSG_TIMESTAMP + 8
+        or _msg_ptr(m, _MSG_TOPIC) != <PyObject *>topic
+        or _msg_ptr(m, _MSG_VALUE) != <PyObject *>value
+        or _msg_ptr(m, _MSG_KEY) != <PyObject *>key
+        or _msg_ptr(m, _MSG_ERROR) != NULL
+        or _msg_ptr(e, _MSG_ERROR) != <PyObject *>error
+        or _msg_i32(m, _MSG_PARTITION) != 0x1234567
+        or _msg_i64(m, _MSG_OFFSET) != 0x123456789AB
+        or _msg_i64(m, _MSG_TIMESTAMP) != 0x1ABCDEF0123
+        or m.timestamp() != (1, 0x1ABCDEF0123)
+    ):
+        return None
+    _message_type = Message
+    return Message
+
+
+cdef inline object _or_none(PyObject *p):
+    if p is NULL:
+        return None
+    return <object>p
+
+
+# ------------------------------------------------------------------------------- batch
 
 @cython.final
 cdef class Batch:
     """The rows of one flush, collapsed to the newest event per entity.
 
-    Same contract as ``spr._core_py.Batch``. Invariants: ``events[i]``, ``topics[i]``
-    and ``positions[i]`` describe row ``i``; ``index[entity_type][entity_id]`` is the
-    row of that entity; ``next_offset`` holds every partition's next offset except
-    the current one, which is kept in C (``current_*``) while events of one partition
-    arrive in a run, and merged in (with max) when the partition changes.
+    Same contract as ``spr._core_py.Batch``. Invariants: ``rows[i]`` describes row
+    ``i``, whose text is in ``arena`` (``rows[i].start`` on); ``slots`` is an
+    open-addressed table (size ``mask + 1``, a power of two at least twice the rows)
+    of row number + 1 (0 = empty), probed linearly from ``hash & mask``, with
+    entity_type and entity_id compared byte for byte on a hash match; ``next_offset``
+    holds every partition's next offset except the current one, which is kept in C
+    (``current_*``) while events of one partition arrive in a run, and merged in (with
+    max) when the partition changes. No Python object is kept per row.
     """
 
     COPY_FORMAT = "binary"
@@ -813,11 +1042,17 @@ cdef class Batch:
     cdef tuple _columns
     cdef int codes[10]
     cdef Py_ssize_t ncols
-    cdef dict index
-    cdef list events
-    cdef list topics
-    cdef RowPosition *positions
+    cdef Row *rows_
+    cdef Py_ssize_t nrows
     cdef Py_ssize_t allocated
+    cdef char *arena
+    cdef Py_ssize_t arena_used
+    cdef Py_ssize_t arena_size
+    cdef int32_t *slots
+    cdef size_t mask
+    cdef list topic_names
+    cdef object last_topic
+    cdef int32_t last_topic_index
     cdef dict next_offset
     cdef object current_topic
     cdef int32_t current_partition
@@ -831,16 +1066,15 @@ cdef class Batch:
         self.ncols = len(self._columns)
         for i in range(self.ncols):
             self.codes[i] = STATE_COLUMNS.index(self._columns[i])
-        self.index = {}
-        self.events = []
-        self.topics = []
+        self.topic_names = []
+        self.last_topic = None
         self.next_offset = {}
         self.current_topic = None
-        self.positions = NULL
-        self.allocated = 0
 
     def __dealloc__(self):
-        PyMem_Free(self.positions)
+        PyMem_Free(self.rows_)
+        PyMem_Free(self.arena)
+        PyMem_Free(self.slots)
 
     @property
     def columns(self):
@@ -849,13 +1083,13 @@ cdef class Batch:
 
     @property
     def events_added(self):
-        """Events passed to ``add`` since creation or the last ``clear``."""
+        """Events added (``add`` or ``ingest``) since creation or the last ``clear``."""
         return self._events_added
 
     @property
     def row_count(self):
         """Distinct entities buffered (the rows ``copy_data`` would write)."""
-        return len(self.events)
+        return self.nrows
 
     @property
     def nbytes(self):
@@ -863,53 +1097,202 @@ cdef class Batch:
         return self._nbytes
 
     def __len__(self):
-        return len(self.events)
+        return self.nrows
+
+    # -- storage ----------------------------------------------------------------------
+
+    cdef int _grow_rows(self) except -1:
+        cdef Py_ssize_t size = max(1024, 2 * self.allocated)
+        cdef Row *grown = <Row *>PyMem_Realloc(self.rows_, size * sizeof(Row))
+        if grown is NULL:
+            raise MemoryError()
+        self.rows_ = grown
+        self.allocated = size
+        return 0
+
+    cdef int _grow_slots(self) except -1:
+        # Keeps the table at most half full; rehashing uses the stored hashes.
+        cdef size_t size = max(<size_t>2048, 2 * (self.mask + 1))
+        cdef int32_t *slots = <int32_t *>PyMem_Malloc(size * sizeof(int32_t))
+        cdef size_t mask = size - 1, j
+        cdef Py_ssize_t row
+        if slots is NULL:
+            raise MemoryError()
+        memset(slots, 0, size * sizeof(int32_t))
+        for row in range(self.nrows):
+            j = self.rows_[row].hash & mask
+            while slots[j] != 0:
+                j = (j + 1) & mask
+            slots[j] = <int32_t>(row + 1)
+        PyMem_Free(self.slots)
+        self.slots = slots
+        self.mask = mask
+        return 0
+
+    cdef char *_reserve(self, Py_ssize_t size) except NULL:
+        cdef Py_ssize_t need = self.arena_used + size, grown_size
+        cdef char *grown
+        if need > self.arena_size:
+            grown_size = max(need, max(<Py_ssize_t>65536, 2 * self.arena_size))
+            grown = <char *>PyMem_Realloc(self.arena, grown_size)
+            if grown is NULL:
+                raise MemoryError()
+            self.arena = grown
+            self.arena_size = grown_size
+        self.arena_used = need
+        return self.arena + need - size
+
+    cdef inline size_t _find(self, uint64_t h, Text *entity_type, Text *entity_id,
+                             Py_ssize_t *row) noexcept:
+        # The slot holding the entity (row >= 0), or the empty slot to put it in (-1).
+        cdef size_t j = h & self.mask
+        cdef int32_t found
+        cdef Row *r
+        while True:
+            found = self.slots[j]
+            if found == 0:
+                row[0] = -1
+                return j
+            r = &self.rows_[found - 1]
+            if (
+                r.hash == h
+                and r.type_len == entity_type.size
+                and r.id_len == entity_id.size
+                and memcmp(self.arena + r.start, entity_type.data, entity_type.size) == 0
+                and memcmp(self.arena + r.start + r.type_len, entity_id.data,
+                           entity_id.size) == 0
+            ):
+                row[0] = found - 1
+                return j
+            j = (j + 1) & self.mask
+
+    cdef int32_t _topic_index(self, str topic) except -1:
+        cdef Py_ssize_t i
+        if topic is self.last_topic or (
+            self.last_topic is not None and topic == <str>self.last_topic
+        ):
+            return self.last_topic_index
+        for i in range(len(self.topic_names)):
+            if <str>self.topic_names[i] == topic:
+                break
+        else:
+            i = len(self.topic_names)
+            self.topic_names.append(topic)
+        self.last_topic = topic
+        self.last_topic_index = <int32_t>i
+        return <int32_t>i
+
+    cdef inline size_t _locate(self, uint64_t h, Text *entity_type, Text *entity_id,
+                               Py_ssize_t *row) except? 0:
+        # _find, after making room for one more row (so the slot stays valid for _store).
+        if self.slots is NULL or <size_t>(2 * self.nrows + 2) > self.mask + 1:
+            self._grow_slots()
+        return self._find(h, entity_type, entity_id, row)
+
+    cdef int _store(self, size_t slot, Py_ssize_t row, uint64_t h, Text *entity_type,
+                    Text *entity_id, Text *state, Text *event_id, Text *payload,
+                    int64_t sequence, int64_t timestamp_ms, str topic, int32_t partition,
+                    int64_t offset, const char *partition_key) except -1:
+        # ``slot``/``row`` come from _locate. Collapse rule: higher sequence wins, then
+        # higher offset. Returns 1 when the row was added or replaced, 0 when the event
+        # was older than the buffered one.
+        cdef Row *r
+        cdef Py_ssize_t size
+        cdef char *p
+        if (
+            entity_type.size > _MAX_FIELD or entity_id.size > _MAX_FIELD
+            or state.size > _MAX_FIELD or event_id.size > _MAX_FIELD
+            or payload.size > _MAX_FIELD
+        ):
+            raise OverflowError("a field of the event is over 2 GiB")
+        size = entity_type.size + entity_id.size + state.size + event_id.size + payload.size
+        if row < 0:
+            if self.nrows == self.allocated:
+                self._grow_rows()
+            row = self.nrows
+            r = &self.rows_[row]
+            p = self._reserve(size + _ROW_SLACK)
+            r.start = p - self.arena
+            r.capacity = size + _ROW_SLACK
+            r.hash = h
+            r.key_known = False
+            self.slots[slot] = <int32_t>(row + 1)
+            self.nrows += 1
+            self._nbytes += _ROW_OVERHEAD + payload.size
+        else:
+            r = &self.rows_[row]
+            if not (sequence > r.sequence or (sequence == r.sequence and offset > r.offset)):
+                return 0
+            self._nbytes += payload.size - r.payload_len
+            if size > r.capacity:
+                p = self._reserve(size + _ROW_SLACK)
+                r = &self.rows_[row]
+                r.start = p - self.arena
+                r.capacity = size + _ROW_SLACK
+        p = self.arena + r.start
+        memcpy(p, entity_type.data, entity_type.size)
+        p += entity_type.size
+        memcpy(p, entity_id.data, entity_id.size)
+        p += entity_id.size
+        memcpy(p, state.data, state.size)
+        p += state.size
+        memcpy(p, event_id.data, event_id.size)
+        p += event_id.size
+        memcpy(p, payload.data, payload.size)
+        r.type_len = <int32_t>entity_type.size
+        r.id_len = <int32_t>entity_id.size
+        r.state_len = <int32_t>state.size
+        r.event_id_len = <int32_t>event_id.size
+        r.payload_len = <int32_t>payload.size
+        r.sequence = sequence
+        r.offset = offset
+        r.timestamp_ms = timestamp_ms
+        r.partition = partition
+        r.topic = self._topic_index(topic)
+        if partition_key is not NULL:
+            memcpy(r.partition_key, partition_key, 16)
+            r.key_known = True
+        return 1
+
+    # -- adding -----------------------------------------------------------------------
 
     def add(self, event, str topic, int32_t partition, int64_t offset):
         """Buffer ``event`` read from ``topic``/``partition`` at ``offset``."""
-        cdef Py_ssize_t row
-        cdef int64_t sequence
-        cdef RowPosition *position
-        cdef bytes payload
+        cdef Text entity_type, entity_id, state, event_id, payload
+        cdef char stack[320]
+        cdef char *key = stack
+        cdef Py_ssize_t size, row
+        cdef size_t slot
+        cdef uint64_t h
+        cdef int64_t sequence, timestamp_ms
         if not isinstance(event, Event):
             raise TypeError(f"expected an Event, got {type(event).__name__}")
+        entity_type.data = PyUnicode_AsUTF8AndSize(_slot(event, _EV_ENTITY_TYPE),
+                                                   &entity_type.size)
+        entity_id.data = PyUnicode_AsUTF8AndSize(_slot(event, _EV_ENTITY_ID), &entity_id.size)
+        state.data = PyUnicode_AsUTF8AndSize(_slot(event, _EV_STATE), &state.size)
+        event_id.data = PyUnicode_AsUTF8AndSize(_slot(event, _EV_EVENT_ID), &event_id.size)
+        payload_obj = _slot(event, _EV_PAYLOAD)
+        payload.data = PyBytes_AS_STRING(payload_obj)
+        payload.size = PyBytes_GET_SIZE(payload_obj)
+        size = entity_type.size + 1 + entity_id.size
+        if size > _KEY_BUFFER:
+            key = <char *>PyMem_Malloc(size)
+            if key is NULL:
+                raise MemoryError()
+        try:
+            memcpy(key, entity_type.data, entity_type.size)
+            key[entity_type.size] = 58  # ':'
+            memcpy(key + entity_type.size + 1, entity_id.data, entity_id.size)
+            h = spr_xxh64(<const uint8_t *>key, size)
+        finally:
+            if key is not stack:
+                PyMem_Free(key)
         sequence = _slot(event, _EV_SEQUENCE)
-        payload = _slot(event, _EV_PAYLOAD)
-        # Two levels of dicts rather than tuple keys: no tuple per event for the
-        # allocator and the garbage collector.
-        entity_type = _slot(event, _EV_ENTITY_TYPE)
-        by_id = self.index.get(entity_type)
-        if by_id is None:
-            by_id = self.index[entity_type] = {}
-        entity_id = _slot(event, _EV_ENTITY_ID)
-        found = (<dict>by_id).get(entity_id)
-        if found is None:
-            row = len(self.events)
-            if row == self.allocated:
-                self._grow()
-            (<dict>by_id)[entity_id] = row
-            self.events.append(event)
-            self.topics.append(topic)
-            position = &self.positions[row]
-            position.sequence = sequence
-            position.offset = offset
-            position.partition = partition
-            self._nbytes += _ROW_OVERHEAD + PyBytes_GET_SIZE(payload)
-        else:
-            row = found
-            position = &self.positions[row]
-            if sequence > position.sequence or (
-                sequence == position.sequence and offset > position.offset
-            ):
-                old = self.events[row]
-                self._nbytes += PyBytes_GET_SIZE(payload) - PyBytes_GET_SIZE(
-                    _slot(old, _EV_PAYLOAD)
-                )
-                self.events[row] = event
-                self.topics[row] = topic
-                position.sequence = sequence
-                position.offset = offset
-                position.partition = partition
+        timestamp_ms = _slot(event, _EV_TIMESTAMP_MS)
+        slot = self._locate(h, &entity_type, &entity_id, &row)
+        self._store(slot, row, h, &entity_type, &entity_id, &state, &event_id, &payload,
+                    sequence, timestamp_ms, topic, partition, offset, NULL)
         self._events_added += 1
         self._advance(topic, partition, offset)
 
@@ -917,16 +1300,151 @@ cdef class Batch:
         """Mark ``offset`` consumed without a row (a duplicate or a dead letter)."""
         self._advance(topic, partition, offset)
 
-    cdef int _grow(self) except -1:
-        cdef Py_ssize_t size = max(1024, 2 * self.allocated)
-        cdef RowPosition *grown = <RowPosition *>PyMem_Realloc(
-            self.positions, size * sizeof(RowPosition)
-        )
-        if grown is NULL:
-            raise MemoryError()
-        self.positions = grown
-        self.allocated = size
-        return 0
+    def ingest(self, messages, IdempotencyRing ring not None, int64_t now_ms,
+               assigned=None, limits=DEFAULT_LIMITS, bint check_keys=True):
+        """Decode, check, deduplicate and buffer one ``consume()`` result; see
+        ``spr._core_py.Batch.ingest`` for the rules. Raises only on a bad argument."""
+        cdef _Fields f = _Fields.__new__(_Fields)
+        cdef list errors = [], invalid = []
+        cdef dict counts = {}
+        cdef Py_ssize_t max_bytes, duplicates = 0, consumed = 0, run_count = 0, size
+        cdef int64_t max_depth, offset, timestamp_ms, sequence
+        cdef int32_t partition, run_partition = 0
+        cdef bint fast, allowed = True
+        cdef object message_type = _message_type
+        cdef PyObject *run_topic = NULL
+        cdef object run_topic_obj = None  # keeps run_topic alive
+        cdef PyObject *p
+        cdef Text entity_type, entity_id, state, event_id, payload
+        cdef char stack[320]
+        cdef char *key = stack
+        cdef Py_ssize_t key_capacity = _KEY_BUFFER, routing_size, row
+        cdef size_t slot
+        cdef char expected[16]
+        cdef const char *verified
+        cdef uint64_t h
+        cdef str topic
+        if limits is _default_limits:
+            max_bytes, max_depth = _default_max_bytes, _default_max_depth
+        else:
+            max_bytes, max_depth = limits.max_bytes, limits.max_depth
+        if not _message_probed:
+            message_type = _probe_message_type()
+        try:
+            for message in messages:
+                fast = message_type is not None and type(message) is message_type
+                # -- errors, ownership, position --------------------------------------
+                if fast:
+                    p = _msg_ptr(message, _MSG_ERROR)
+                    if p is not NULL and p != <PyObject *>None:
+                        errors.append(message)
+                        continue
+                    p = _msg_ptr(message, _MSG_TOPIC)
+                    if p is NULL:
+                        errors.append(message)
+                        continue
+                    partition = _msg_i32(message, _MSG_PARTITION)
+                else:
+                    if message.error() is not None:
+                        errors.append(message)
+                        continue
+                    topic_obj = message.topic()
+                    p = <PyObject *>topic_obj
+                    partition = message.partition()
+                # confluent_kafka makes a new topic str per message: compare by value.
+                if partition != run_partition or (
+                    p != run_topic
+                    and (run_topic is NULL or not _same_text(<object>p, run_topic_obj))
+                ):
+                    if run_count:
+                        _count(counts, run_topic_obj, run_partition, run_count)
+                    run_topic = p
+                    run_topic_obj = <object>p
+                    run_partition = partition
+                    run_count = 0
+                    allowed = assigned is None or (<object>p, partition) in assigned
+                if not allowed:
+                    continue  # fetched before a revoke was served; the next owner reads it
+                topic = <str>run_topic_obj
+                run_count += 1
+                consumed += 1
+                if fast:
+                    offset = _msg_i64(message, _MSG_OFFSET)
+                    timestamp_ms = _msg_i64(message, _MSG_TIMESTAMP)
+                    value = _or_none(_msg_ptr(message, _MSG_VALUE))
+                    message_key = _or_none(_msg_ptr(message, _MSG_KEY))
+                else:
+                    offset = message.offset()
+                    timestamp_ms = message.timestamp()[1]
+                    value = message.value()
+                    message_key = message.key() if check_keys else None
+                # -- decode -----------------------------------------------------------
+                try:
+                    _decode_fields(value, offset, timestamp_ms, max_bytes, max_depth, f)
+                    sequence = f.sequence
+                except InvalidEvent as exc:
+                    invalid.append((message, exc.reason))
+                    self._advance(topic, partition, offset)
+                    continue
+                entity_type.data = PyUnicode_AsUTF8AndSize(f.entity_type, &entity_type.size)
+                entity_id.data = PyUnicode_AsUTF8AndSize(f.entity_id, &entity_id.size)
+                state.data = PyUnicode_AsUTF8AndSize(f.state, &state.size)
+                # "entity_type:entity_id:sequence" is built once: its prefix is the
+                # routing key, the whole is the idempotency key and the fallback event id.
+                routing_size = entity_type.size + 1 + entity_id.size
+                size = routing_size + 21
+                if size > key_capacity:
+                    if key is not stack:
+                        PyMem_Free(key)
+                        key = stack
+                    key = <char *>PyMem_Malloc(size)
+                    if key is NULL:
+                        key = stack
+                        raise MemoryError()
+                    key_capacity = size
+                memcpy(key, entity_type.data, entity_type.size)
+                key[entity_type.size] = 58  # ':'
+                memcpy(key + entity_type.size + 1, entity_id.data, entity_id.size)
+                h = spr_xxh64(<const uint8_t *>key, routing_size)
+                key[routing_size] = 58
+                size = routing_size + 1 + _put_decimal(key + routing_size + 1, sequence)
+                # -- key check (design §3) --------------------------------------------
+                slot = self._locate(h, &entity_type, &entity_id, &row)
+                verified = NULL
+                if check_keys:
+                    if row >= 0 and self.rows_[row].key_known:
+                        memcpy(expected, self.rows_[row].partition_key, 16)
+                    else:
+                        _partition_key_of(key, routing_size, h, expected)
+                    if not _key_matches(message_key, expected):
+                        invalid.append((message, _key_reason(message_key, f, expected)))
+                        self._advance(topic, partition, offset)
+                        continue
+                    verified = expected
+                # -- duplicates, then the row -----------------------------------------
+                if ring._seen_or_add(spr_xxh64(<const uint8_t *>key, size), now_ms):
+                    duplicates += 1
+                    self._advance(topic, partition, offset)
+                    continue
+                event_id_obj = f.event_id
+                if event_id_obj:
+                    event_id.data = PyUnicode_AsUTF8AndSize(event_id_obj, &event_id.size)
+                else:
+                    event_id.data = key
+                    event_id.size = size
+                payload.data = PyBytes_AS_STRING(value)
+                payload.size = PyBytes_GET_SIZE(value)
+                self._store(slot, row, h, &entity_type, &entity_id, &state, &event_id,
+                            &payload, sequence, f.timestamp, topic, partition, offset,
+                            verified)
+                self._events_added += 1
+                self._advance(topic, partition, offset)
+        finally:
+            if key is not stack:
+                PyMem_Free(key)
+        if run_count:
+            _count(counts, run_topic_obj, run_partition, run_count)
+        return IngestResult(errors, invalid, duplicates, consumed, counts)
 
     cdef inline int _advance(self, str topic, int32_t partition, int64_t offset) except -1:
         if (
@@ -957,142 +1475,252 @@ cdef class Batch:
         self._merge_current()
         return dict(self.next_offset)
 
+    # -- reading ----------------------------------------------------------------------
+
     def rows(self):
         """The collapsed rows as Python values in ``columns`` order. ``payload`` is the
         JSON text (str); ``event_ts`` an aware UTC datetime, or None when unknown."""
         cdef Py_ssize_t row, i
         cdef list result = []
-        cdef RowPosition *position
+        cdef Row *r
+        cdef const char *base
         cdef int64_t ts
-        for row in range(len(self.events)):
-            event = self.events[row]
-            position = &self.positions[row]
+        cdef Py_ssize_t at
+        for row in range(self.nrows):
+            r = &self.rows_[row]
+            base = self.arena + r.start
             values = []
             for i in range(self.ncols):
                 code = self.codes[i]
                 if code == COL_ENTITY_TYPE:
-                    values.append(event.entity_type)
+                    values.append(base[:r.type_len].decode("utf-8"))
                 elif code == COL_ENTITY_ID:
-                    values.append(event.entity_id)
+                    values.append(base[r.type_len:r.type_len + r.id_len].decode("utf-8"))
                 elif code == COL_SEQUENCE:
-                    values.append(event.sequence)
+                    values.append(r.sequence)
                 elif code == COL_STATE:
-                    values.append(event.state)
+                    at = r.type_len + r.id_len
+                    values.append(base[at:at + r.state_len].decode("utf-8"))
                 elif code == COL_EVENT_ID:
-                    values.append(event.event_id)
+                    at = r.type_len + r.id_len + r.state_len
+                    values.append(base[at:at + r.event_id_len].decode("utf-8"))
                 elif code == COL_PAYLOAD:
-                    values.append((<bytes>_slot(event, _EV_PAYLOAD)).decode("utf-8"))
+                    at = r.type_len + r.id_len + r.state_len + r.event_id_len
+                    values.append(base[at:at + r.payload_len].decode("utf-8"))
                 elif code == COL_EVENT_TS:
-                    ts = event.timestamp_ms
+                    ts = r.timestamp_ms
                     if 0 <= ts <= _MAX_TIMESTAMP_MS:
                         values.append(_UNIX_EPOCH + timedelta(milliseconds=ts))
                     else:
                         values.append(None)
                 elif code == COL_KAFKA_TOPIC:
-                    values.append(self.topics[row])
+                    values.append(self.topic_names[r.topic])
                 elif code == COL_KAFKA_PARTITION:
-                    values.append(position.partition)
+                    values.append(r.partition)
                 else:
-                    values.append(position.offset)
+                    values.append(r.offset)
             result.append(tuple(values))
         return result
 
     def copy_data(self):
         """The whole ``COPY ... FROM STDIN (FORMAT binary)`` stream for the rows:
         header, one tuple per row in ``columns`` order, trailer."""
-        cdef Py_ssize_t row, i, rows = len(self.events)
+        return self._render(0, self.nrows, True, True)
+
+    def copy_chunks(self, Py_ssize_t chunk_bytes=1 << 20):
+        """``copy_data()`` in pieces of about ``chunk_bytes`` (whole rows; a row larger
+        than that is a piece of its own): their concatenation is ``copy_data()``. For
+        streaming COPY without holding the whole stream in memory at once."""
+        cdef Py_ssize_t row = 0, first, size
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        while True:
+            first = row
+            size = 0
+            while row < self.nrows:
+                size += self._row_size(row)
+                if size > chunk_bytes and row > first:
+                    break
+                row += 1
+            yield self._render(first, row, first == 0, row == self.nrows)
+            if row == self.nrows:
+                return
+
+    cdef Py_ssize_t _row_size(self, Py_ssize_t row) noexcept:
+        # About the bytes of one row in the COPY stream, every column counted (only
+        # the chunk boundaries depend on it).
+        cdef Row *r = &self.rows_[row]
+        return (2 + 4 * self.ncols + 29 + r.type_len + r.id_len + r.state_len
+                + r.event_id_len + r.payload_len)
+
+    cdef bytes _render(self, Py_ssize_t first, Py_ssize_t last, bint header, bint trailer):
+        cdef Py_ssize_t row, i, rows = last
         cdef Py_ssize_t total, size
-        cdef RowPosition *position
+        cdef Row *r
         cdef int64_t ts
         cdef char *p
-        cdef bytes payload, result
+        cdef const char *base
+        cdef bytes result
         cdef int code
-        # Pass 1 sizes the output exactly, so it is written once, straight into the
-        # bytes object (no growing buffer, no final copy). The UTF-8 of a str is cached
-        # in the str, so pass 2 finds it again for free.
-        total = PyBytes_GET_SIZE(COPY_BINARY_HEADER) + 2
-        for row in range(rows):
-            event = self.events[row]
-            total += 2 + 4 * self.ncols
-            for i in range(self.ncols):
-                code = self.codes[i]
-                if code == COL_ENTITY_TYPE:
-                    PyUnicode_AsUTF8AndSize(_slot(event, _EV_ENTITY_TYPE), &size)
-                elif code == COL_ENTITY_ID:
-                    PyUnicode_AsUTF8AndSize(_slot(event, _EV_ENTITY_ID), &size)
-                elif code == COL_STATE:
-                    PyUnicode_AsUTF8AndSize(_slot(event, _EV_STATE), &size)
-                elif code == COL_EVENT_ID:
-                    PyUnicode_AsUTF8AndSize(_slot(event, _EV_EVENT_ID), &size)
-                elif code == COL_KAFKA_TOPIC:
-                    PyUnicode_AsUTF8AndSize(self.topics[row], &size)
-                elif code == COL_PAYLOAD:
-                    size = PyBytes_GET_SIZE(_slot(event, _EV_PAYLOAD)) + 1
-                elif code == COL_KAFKA_PARTITION:
-                    size = 4
-                elif code == COL_EVENT_TS:
-                    ts = _slot(event, _EV_TIMESTAMP_MS)
-                    size = 8 if 0 <= ts <= _MAX_TIMESTAMP_MS else 0
-                else:
-                    size = 8
-                total += size
-        result = PyBytes_FromStringAndSize(NULL, total)
-        p = PyBytes_AS_STRING(result)
-        size = PyBytes_GET_SIZE(COPY_BINARY_HEADER)
-        memcpy(p, PyBytes_AS_STRING(COPY_BINARY_HEADER), size)
-        p += size
-        for row in range(rows):
-            event = self.events[row]
-            position = &self.positions[row]
-            p = spr_put_be16(p, self.ncols)
-            for i in range(self.ncols):
-                code = self.codes[i]
-                if code == COL_ENTITY_TYPE:
-                    p = _put_text(p, _slot(event, _EV_ENTITY_TYPE))
-                elif code == COL_ENTITY_ID:
-                    p = _put_text(p, _slot(event, _EV_ENTITY_ID))
-                elif code == COL_STATE:
-                    p = _put_text(p, _slot(event, _EV_STATE))
-                elif code == COL_EVENT_ID:
-                    p = _put_text(p, _slot(event, _EV_EVENT_ID))
-                elif code == COL_KAFKA_TOPIC:
-                    p = _put_text(p, self.topics[row])
-                elif code == COL_PAYLOAD:
-                    payload = _slot(event, _EV_PAYLOAD)
-                    size = PyBytes_GET_SIZE(payload)
-                    p = spr_put_be32(p, <int32_t>(size + 1))
-                    p[0] = 1
-                    memcpy(p + 1, PyBytes_AS_STRING(payload), size)
-                    p += size + 1
-                elif code == COL_SEQUENCE:
-                    p = spr_put_be64(spr_put_be32(p, 8), position.sequence)
-                elif code == COL_EVENT_TS:
-                    ts = _slot(event, _EV_TIMESTAMP_MS)
-                    if 0 <= ts <= _MAX_TIMESTAMP_MS:
-                        p = spr_put_be64(spr_put_be32(p, 8), (ts - _PG_EPOCH_MS) * 1000)
+        cdef Py_ssize_t ntopics = len(self.topic_names)
+        cdef Text *topics = <Text *>PyMem_Malloc((ntopics + 1) * sizeof(Text))
+        if topics is NULL:
+            raise MemoryError()
+        try:
+            for i in range(ntopics):
+                topics[i].data = PyUnicode_AsUTF8AndSize(self.topic_names[i], &topics[i].size)
+            # Pass 1 sizes the output exactly, so it is written once, straight into the
+            # bytes object (no growing buffer, no final copy).
+            total = PyBytes_GET_SIZE(COPY_BINARY_HEADER) if header else 0
+            if trailer:
+                total += 2
+            for row in range(first, rows):
+                r = &self.rows_[row]
+                total += 2 + 4 * self.ncols
+                for i in range(self.ncols):
+                    code = self.codes[i]
+                    if code == COL_ENTITY_TYPE:
+                        total += r.type_len
+                    elif code == COL_ENTITY_ID:
+                        total += r.id_len
+                    elif code == COL_STATE:
+                        total += r.state_len
+                    elif code == COL_EVENT_ID:
+                        total += r.event_id_len
+                    elif code == COL_KAFKA_TOPIC:
+                        total += topics[r.topic].size
+                    elif code == COL_PAYLOAD:
+                        total += r.payload_len + 1
+                    elif code == COL_KAFKA_PARTITION:
+                        total += 4
+                    elif code == COL_EVENT_TS:
+                        ts = r.timestamp_ms
+                        if 0 <= ts <= _MAX_TIMESTAMP_MS:
+                            total += 8
                     else:
-                        p = spr_put_be32(p, -1)
-                elif code == COL_KAFKA_PARTITION:
-                    p = spr_put_be32(spr_put_be32(p, 4), position.partition)
-                else:
-                    p = spr_put_be64(spr_put_be32(p, 8), position.offset)
-        spr_put_be16(p, -1)
+                        total += 8
+            result = PyBytes_FromStringAndSize(NULL, total)
+            p = PyBytes_AS_STRING(result)
+            if header:
+                size = PyBytes_GET_SIZE(COPY_BINARY_HEADER)
+                memcpy(p, PyBytes_AS_STRING(COPY_BINARY_HEADER), size)
+                p += size
+            for row in range(first, rows):
+                r = &self.rows_[row]
+                base = self.arena + r.start
+                p = spr_put_be16(p, self.ncols)
+                for i in range(self.ncols):
+                    code = self.codes[i]
+                    if code == COL_ENTITY_TYPE:
+                        p = _put_bytes(p, base, r.type_len)
+                    elif code == COL_ENTITY_ID:
+                        p = _put_bytes(p, base + r.type_len, r.id_len)
+                    elif code == COL_STATE:
+                        p = _put_bytes(p, base + r.type_len + r.id_len, r.state_len)
+                    elif code == COL_EVENT_ID:
+                        p = _put_bytes(p, base + r.type_len + r.id_len + r.state_len,
+                                       r.event_id_len)
+                    elif code == COL_KAFKA_TOPIC:
+                        p = _put_bytes(p, topics[r.topic].data, topics[r.topic].size)
+                    elif code == COL_PAYLOAD:
+                        p = spr_put_be32(p, <int32_t>(r.payload_len + 1))
+                        p[0] = 1  # jsonb binary format version
+                        memcpy(p + 1,
+                               base + r.type_len + r.id_len + r.state_len + r.event_id_len,
+                               r.payload_len)
+                        p += r.payload_len + 1
+                    elif code == COL_SEQUENCE:
+                        p = spr_put_be64(spr_put_be32(p, 8), r.sequence)
+                    elif code == COL_EVENT_TS:
+                        ts = r.timestamp_ms
+                        if 0 <= ts <= _MAX_TIMESTAMP_MS:
+                            p = spr_put_be64(spr_put_be32(p, 8), (ts - _PG_EPOCH_MS) * 1000)
+                        else:
+                            p = spr_put_be32(p, -1)
+                    elif code == COL_KAFKA_PARTITION:
+                        p = spr_put_be32(spr_put_be32(p, 4), r.partition)
+                    else:
+                        p = spr_put_be64(spr_put_be32(p, 8), r.offset)
+            if trailer:
+                spr_put_be16(p, -1)
+        finally:
+            PyMem_Free(topics)
         return result
 
     def clear(self):
         """Drop every row, offset and counter; the columns stay."""
-        self.index.clear()
-        self.events.clear()
-        self.topics.clear()
+        self.nrows = 0
+        self.arena_used = 0
+        if self.slots is not NULL:
+            memset(self.slots, 0, (self.mask + 1) * sizeof(int32_t))
+        self.topic_names = []
+        self.last_topic = None
         self.next_offset.clear()
         self.current_topic = None
         self._events_added = 0
         self._nbytes = 0
 
 
-cdef inline char *_put_text(char *p, str text) except NULL:
-    cdef Py_ssize_t size
-    cdef const char *data = PyUnicode_AsUTF8AndSize(text, &size)
+cdef inline char *_put_bytes(char *p, const char *data, Py_ssize_t size) noexcept:
     p = spr_put_be32(p, <int32_t>size)
     memcpy(p, data, size)
     return p + size
+
+
+cdef inline Py_ssize_t _put_decimal(char *out, int64_t value) noexcept:
+    # The decimal digits of an int64, as f"{value}" writes them (at most 20 bytes).
+    cdef uint64_t v = <uint64_t>value
+    if value < 0:
+        out[0] = 45  # '-'
+        v = <uint64_t>0 - v
+        return 1 + _put_decimal_unsigned(out + 1, v)
+    return _put_decimal_unsigned(out, v)
+
+
+cdef inline Py_ssize_t _put_decimal_unsigned(char *out, uint64_t v) noexcept:
+    cdef char digits[20]
+    cdef Py_ssize_t n = 0, i
+    while True:
+        digits[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    for i in range(n):
+        out[i] = digits[n - 1 - i]
+    return n
+
+
+cdef inline bint _key_matches(object message_key, const char *expected):
+    if type(message_key) is bytes:
+        return PyBytes_GET_SIZE(message_key) == 16 and memcmp(
+            PyBytes_AS_STRING(message_key), expected, 16) == 0
+    if message_key is None:
+        return False
+    return _key_bytes_of(message_key) == PyBytes_FromStringAndSize(expected, 16)
+
+
+cdef object _key_bytes_of(object message_key):
+    if isinstance(message_key, str):
+        return (<str>message_key).encode("utf-8")
+    return bytes(message_key)
+
+
+cdef object _key_reason(object message_key, _Fields f, const char *expected):
+    cdef str partition_key = PyUnicode_DecodeASCII(expected, 16, NULL)
+    if message_key is None:
+        return reason_key_missing(f.entity_type, f.entity_id, partition_key)
+    return reason_key_mismatch(_key_bytes_of(message_key), f.entity_type, f.entity_id,
+                               partition_key)
+
+
+cdef inline bint _same_text(object a, object b) except -1:
+    if type(a) is str and type(b) is str:
+        return <str>a == <str>b
+    return a == b
+
+
+cdef int _count(dict counts, object topic, int32_t partition, Py_ssize_t n) except -1:
+    key = (topic, partition)
+    counts[key] = counts.get(key, 0) + n
+    return 0

@@ -11,7 +11,7 @@ import hashlib
 import re
 import struct
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from itertools import accumulate
 from typing import Any
@@ -44,9 +44,12 @@ from spr._event import (
     UTF8_BOM,
     DecodeLimits,
     Event,
+    IngestResult,
     RawEvent,
     reason_alias_type,
     reason_from_msgspec,
+    reason_key_mismatch,
+    reason_key_missing,
     reason_too_big,
     reason_too_deep,
 )
@@ -653,6 +656,66 @@ class Batch:
         _check_position(partition, offset)
         self._advance(topic, partition, offset)
 
+    def ingest(
+        self,
+        messages: Iterable[Any],
+        ring: IdempotencyRing,
+        now_ms: int,
+        assigned: Container[tuple[str, int]] | None = None,
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        check_keys: bool = True,
+    ) -> IngestResult:
+        """Take one ``consume()`` result into the batch, message by message, in order.
+
+        A message whose ``error()`` is set is returned in ``errors`` (never data). A
+        message of a partition not in ``assigned`` (when given) is skipped without a
+        trace: it was fetched before a revoke, and the next owner reads it. Every other
+        message is decoded (``decode_event`` with its offset and broker timestamp);
+        then, when ``check_keys``, its Kafka key must be ``partition_key(entity_type:
+        entity_id)`` (design §3; a missing key fails too). A message failing either is
+        returned in ``invalid`` with its reason. The rest are looked up in ``ring``
+        (fingerprint of ``entity_type:entity_id:sequence`` at ``now_ms``): a hit counts
+        as a duplicate; a miss is added (collapsed like :meth:`add`). Every data message
+        of an assigned partition advances its partition's next offset. Raises only on a
+        bad argument (a message that is not a Kafka message, a wrong type).
+        """
+        errors: list[Any] = []
+        invalid: list[tuple[Any, str]] = []
+        counts: dict[tuple[str, int], int] = {}
+        duplicates = 0
+        consumed = 0
+        for message in messages:
+            if message.error() is not None:
+                errors.append(message)
+                continue
+            topic = message.topic()
+            partition = message.partition()
+            if assigned is not None and (topic, partition) not in assigned:
+                continue
+            counts[(topic, partition)] = counts.get((topic, partition), 0) + 1
+            consumed += 1
+            offset = message.offset()
+            try:
+                event = decode_event(
+                    message.value(),
+                    offset=offset,
+                    timestamp_ms=message.timestamp()[1],
+                    limits=limits,
+                )
+                if check_keys:
+                    _check_message_key(message.key(), event)
+            except InvalidEvent as exc:
+                invalid.append((message, exc.reason))
+                self.advance(topic, partition, offset)
+                continue
+            fp = event_fingerprint(event.entity_type, event.entity_id, event.sequence)
+            if ring.seen_or_add(fp, now_ms):
+                duplicates += 1
+                self.advance(topic, partition, offset)
+                continue
+            self.add(event, topic, partition, offset)
+        return IngestResult(errors, invalid, duplicates, consumed, counts)
+
     def _advance(self, topic: str, partition: int, offset: int) -> None:
         key = (topic, partition)
         if self._next.get(key, -1) <= offset:
@@ -683,6 +746,28 @@ class Batch:
         parts.append(COPY_BINARY_TRAILER)
         return b"".join(parts)
 
+    def copy_chunks(self, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """``copy_data()`` in pieces of about ``chunk_bytes`` (whole rows; a row larger
+        than that is a piece of its own): their concatenation is ``copy_data()``. For
+        streaming COPY without holding the whole stream in memory at once."""
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        columns = self._columns
+        count = _pack_i16(len(columns))
+        parts = [COPY_BINARY_HEADER]
+        size = 0
+        for event, topic, partition, offset in self._rows:
+            row = count + b"".join(
+                _binary_field(c, event, topic, partition, offset) for c in columns
+            )
+            if size and size + len(row) > chunk_bytes:
+                yield b"".join(parts)
+                parts, size = [], 0
+            parts.append(row)
+            size += len(row)
+        parts.append(COPY_BINARY_TRAILER)
+        yield b"".join(parts)
+
     def clear(self) -> None:
         """Drop every row, offset and counter; the columns stay."""
         self._index.clear()
@@ -690,6 +775,18 @@ class Batch:
         self._next.clear()
         self._events_added = 0
         self._nbytes = 0
+
+
+def _check_message_key(message_key: Any, event: Event) -> None:
+    # The same rule and messages as spr.classify.check_key (which imports the core).
+    expected = partition_key(f"{event.entity_type}:{event.entity_id}")
+    if message_key is None:
+        raise InvalidEvent(reason_key_missing(event.entity_type, event.entity_id, expected))
+    actual = message_key.encode("utf-8") if isinstance(message_key, str) else message_key
+    if actual != expected.encode("ascii"):
+        raise InvalidEvent(
+            reason_key_mismatch(bytes(actual), event.entity_type, event.entity_id, expected)
+        )
 
 
 def _check_position(partition: int, offset: int) -> None:

@@ -7,7 +7,7 @@ can both import it without a cycle through :mod:`spr._impl`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
@@ -19,6 +19,7 @@ __all__ = [
     "STATE_COLUMNS",
     "DecodeLimits",
     "Event",
+    "IngestResult",
 ]
 
 
@@ -192,3 +193,35 @@ def reason_from_msgspec(exc: Exception) -> str:
             return f"not a JSON object: {message}"
         return f"wrong field type: {message}"
     return f"not valid JSON: {message}"
+
+
+def reason_key_missing(entity_type: str, entity_id: str, expected: str) -> str:
+    """Why an event without a Kafka key is invalid (as spr.classify.check_key says)."""
+    return f"message has no key; expected the partition key {expected} of {entity_type}:{entity_id}"
+
+
+def reason_key_mismatch(actual: bytes, entity_type: str, entity_id: str, expected: str) -> str:
+    """Why an event keyed for another entity is invalid (as spr.classify.check_key says)."""
+    shown = actual[:40].decode("utf-8", "backslashreplace")
+    return (
+        f"message key {shown!r} does not match entity {entity_type}:"
+        f"{entity_id}, whose partition key is {expected}"
+    )
+
+
+class IngestResult(NamedTuple):
+    """What ``Batch.ingest`` did with one ``consume()`` result.
+
+    ``errors``: the messages whose ``error()`` is set, in order, for the caller to
+    classify (never data). ``invalid``: ``(message, reason)`` for each data message that
+    failed decoding or the key check; its offset is already advanced in the batch.
+    ``duplicates``: messages the idempotency ring had seen (offset advanced, no row).
+    ``consumed``: data messages of assigned partitions (valid, invalid and duplicate);
+    ``partition_counts``: the same per ``(topic, partition)``.
+    """
+
+    errors: list[Any]
+    invalid: list[tuple[Any, str]]
+    duplicates: int
+    consumed: int
+    partition_counts: dict[tuple[str, int], int]

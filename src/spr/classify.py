@@ -115,6 +115,9 @@ _KAFKA_TRANSIENT = (
     "_ISR_INSUFF",
     "_RETRY",
     "_PREV_IN_PROGRESS",
+    # The consumer missed max.poll.interval.ms and left its group; the next poll rejoins
+    # (its partitions were revoked or lost first, so nothing uncommitted survives).
+    "_MAX_POLL_EXCEEDED",
     # Not an error: the end of a partition. Classified so that a caller that forgets to
     # filter it keeps polling instead of stopping.
     "_PARTITION_EOF",

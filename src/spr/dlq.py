@@ -387,15 +387,18 @@ class DeadLetterWriter:
 class InvalidEventSink:
     """:class:`DeadLetterWriter` behind the engine's ``DeadLetterSink`` hook
     (``send(message, reason)``, ``flush()``): every message it receives is INVALID, after
-    one attempt. ``flush`` blocks up to ``flush_timeout`` seconds and raises
-    DeadLetterUnavailable like :meth:`DeadLetterWriter.flush`."""
+    one attempt, unless ``send`` is told another class. ``flush`` blocks up to
+    ``flush_timeout`` seconds and raises DeadLetterUnavailable like
+    :meth:`DeadLetterWriter.flush`."""
 
     def __init__(self, writer: DeadLetterWriter, *, flush_timeout: float = 30.0) -> None:
         self.writer = writer
         self.flush_timeout = flush_timeout
 
-    def send(self, message: Any, reason: str) -> None:
-        self.writer.send(message, ErrorClass.INVALID, reason, 1)
+    def send(self, message: Any, reason: str, *, error_class: str = "invalid") -> None:
+        """Queue a dead letter of class ``error_class`` (INVALID by default; the engine
+        passes ``"data"`` for rows PostgreSQL rejected). Raises DeadLetterUnavailable."""
+        self.writer.send(message, ErrorClass(error_class), reason, 1)
 
     def flush(self) -> None:
         self.writer.flush(self.flush_timeout)

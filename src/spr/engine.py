@@ -30,20 +30,24 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
+from array import array
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 from spr.batch import STATE_COLUMNS, Batch
+from spr.classify import ErrorClass, classify, classify_kafka_error, error_reason
 from spr.clock import Clock, SystemClock
 from spr.config import BackpressurePolicy, EngineConfig, uses_cooperative_rebalance
-from spr.decode import DEFAULT_LIMITS, DecodeLimits, decode_batch
-from spr.dedup import IdempotencyRing, event_fingerprint
-from spr.errors import ConfigError, ServerUnavailable, SprError
-from spr.sink.postgres import FlushResult, PostgresSink, is_transient, redact_dsn
+from spr.decode import DEFAULT_LIMITS, DecodeLimits
+from spr.dedup import IdempotencyRing
+from spr.errors import ConfigError, DeadLetterUnavailable, ServerUnavailable, SprError
+from spr.logs import log_event
+from spr.metrics import LocalStats, MetricsPublisher, fold_engine_counters
+from spr.retry import CircuitBreaker, CircuitState, RetryAttempt
+from spr.sink.postgres import FlushResult, PostgresSink, RejectedRow, redact_dsn
 
 __all__ = [
     "Backpressure",
@@ -81,15 +85,19 @@ class FlushFailed(SprError):
 
 
 class DeadLetterSink(Protocol):
-    """Where invalid events go (issue 6 implements it with a ``<topic>.dlq`` topic).
+    """Where invalid events and rejected rows go (:class:`spr.dlq.InvalidEventSink`
+    writes them to ``<topic>.dlq``).
 
-    ``send`` is called on the engine's thread for each invalid message, in consumption
-    order, before its offset is added to a batch. ``flush`` is called before a batch that
-    holds such offsets is handed to the database, and must block until every sent dead
-    letter is durable, or raise (the engine then stops without committing the batch).
+    ``send(message, reason)`` is called on the engine's thread for each invalid message,
+    in consumption order, before its offset is added to a batch. ``flush`` is called
+    before a batch that holds such offsets is handed to the database, and must block
+    until every sent dead letter is durable, or raise (the engine then stops without
+    committing the batch). Rows the database rejects (class DATA) are sent from the
+    flush thread as ``send(record, reason, error_class="data")`` followed by ``flush()``
+    inside the flush's transaction; the engine serialises all calls with a lock.
     """
 
-    def send(self, message: Any, reason: str) -> None: ...
+    def send(self, message: Any, reason: str, *, error_class: str = "invalid") -> None: ...
 
     def flush(self) -> None: ...
 
@@ -101,7 +109,15 @@ class EngineStats:
     ``consumed`` counts data messages taken from Kafka; each ends as ``duplicate``
     (dropped by the ring), ``invalid`` (offset advanced, handed to the dead-letter hook),
     or a batch event, which the flush turns into ``applied`` rows, ``stale`` rows (the
-    guard kept a newer stored sequence) or ``collapsed`` (superseded within its batch).
+    guard kept a newer stored sequence), ``rejected`` rows (refused by the database for
+    their content, class DATA, and dead-lettered) or ``collapsed`` (superseded within its
+    batch by a newer event of the same entity; when that newest event is rejected, the
+    events it superseded stay ``collapsed``: only the newest one is dead-lettered).
+
+    ``flush_retries`` counts failed flush attempts that were retried;
+    ``circuit_state`` is the breaker's state (0 closed, 1 half-open, 2 open) and
+    ``circuit_opens`` how often it opened; ``offset_gaps`` counts retention gaps skipped
+    and ``offset_gap_events`` the events lost in them.
     """
 
     consumed: int = 0
@@ -125,6 +141,10 @@ class EngineStats:
     rollbacks: int = 0
     kafka_errors: int = 0
     offset_gaps: int = 0
+    offset_gap_events: int = 0
+    rejected: int = 0
+    circuit_state: int = 0
+    circuit_opens: int = 0
     buffered_bytes: int = 0
     max_buffered_bytes: int = 0
 
@@ -141,11 +161,17 @@ class Backpressure:
 
     * ``memory``: buffered bytes reached the bound; held until they fall to
       ``resume_ratio`` of it (hysteresis);
-    * ``full``: the waiting batch is full while a flush is in flight (flow control,
-      lifted as soon as the batch can be handed off);
-    * ``slow``: the flush in flight has run longer than ``slow_flush_ms``. Held for a
-      cool-down; if the sink is still slow when it expires, the cool-down doubles (up to
-      ``max_cool_down_ms``); a fast flush resets it.
+    * ``slow``: the flush in flight has run longer than ``slow_flush_ms`` *and* the
+      waiting batch is full (or buffered bytes are past ``resume_ratio`` of the bound).
+      Held for a cool-down; if the sink is still slow when it expires, the cool-down
+      doubles (up to ``max_cool_down_ms``); a fast flush resets it.
+
+    A slow flush alone is no reason to pause: the next batch keeps growing meanwhile
+    (group commit), which is how the engine keeps up with the database. Pausing on
+    every flush longer than 50 ms paused 96 of 103 flushes of the 1M-event bench and
+    halved throughput, because each pause drops librdkafka's prefetch. A full batch
+    behind an in-flight flush is first handled by the engine blocking on that flush
+    (flow control that keeps the prefetch); only when that wait runs out is it paused.
     """
 
     def __init__(self, policy: BackpressurePolicy, clock: Clock) -> None:
@@ -163,10 +189,15 @@ class Backpressure:
         """Re-evaluate; returns True while consumption should be paused. Never blocks."""
         policy = self.policy
         now = self.clock.monotonic()
-        slow = inflight_age_s is not None and inflight_age_s * 1000.0 > policy.slow_flush_ms
+        near_bound = buffered_bytes > policy.memory_bound_bytes * policy.resume_ratio
+        slow = (
+            inflight_age_s is not None
+            and inflight_age_s * 1000.0 > policy.slow_flush_ms
+            and (batch_full or near_bound)
+        )
         if buffered_bytes >= policy.memory_bound_bytes:
             self._memory_hold = True
-        elif buffered_bytes <= policy.memory_bound_bytes * policy.resume_ratio:
+        elif not near_bound:
             self._memory_hold = False
         if slow and self._slow_until == 0.0:
             self._slow_until = now + self.cool_down_s
@@ -178,8 +209,6 @@ class Backpressure:
                 self._slow_until = 0.0
         if self._memory_hold:
             reason = "memory"
-        elif batch_full and inflight_age_s is not None:
-            reason = "full"
         elif self._slow_until:
             reason = "slow"
         else:
@@ -207,12 +236,24 @@ class Backpressure:
 
 @dataclass(eq=False)
 class _FlushJob:
+    """One batch on its way to the database, possibly over several attempts.
+
+    ``running`` while the flush thread has it; between attempts ``retry`` holds the
+    backoff state and the main loop resubmits it once ``retry.ready_at`` has come and
+    the circuit breaker allows. ``timestamps``/``weights`` are broker timestamps
+    sampled per consume() call (see :meth:`Engine._sample_timestamps`).
+    """
+
     number: int
     batch: Batch
     events: int
     started_s: float
     cancel: threading.Event
     abandoned: bool = False
+    running: bool = False
+    retry: RetryAttempt | None = None
+    timestamps: array[int] | None = None
+    weights: array[int] | None = None
 
 
 @dataclass(eq=False)
@@ -225,18 +266,26 @@ class _FlushOutcome:
     retries: int
 
 
-class _Flusher:
-    """The dedicated flush thread: one job at a time, in submission order.
+RejectedRowsHandler = Callable[[Sequence[RejectedRow]], None]
 
-    It owns its own sink (and so its own connection). Transient errors are retried with
-    exponential backoff and full jitter, reconnecting, within ``retry_budget_s``;
-    a job whose ``cancel`` event is set stops retrying and reports ``cancelled``.
+
+class _Flusher:
+    """The dedicated flush thread: one attempt of one job at a time, in submission order.
+
+    It owns its own sink (and so its own connection). It never retries by itself: each
+    attempt's outcome goes back to the engine's thread, which classifies the error,
+    feeds the circuit breaker and decides when to try again (the loop keeps polling
+    meanwhile). ``dead_letter`` receives rows the database rejects (see
+    :meth:`PostgresSink.flush`); without it such a batch fails.
     """
 
-    def __init__(self, sink: PostgresSink, *, retry_budget_s: float, clock: Clock) -> None:
+    def __init__(
+        self, sink: PostgresSink, *, clock: Clock, dead_letter: RejectedRowsHandler | None = None
+    ) -> None:
         self.sink = sink
-        self.retry_budget_s = retry_budget_s
         self.clock = clock
+        if dead_letter is not None:
+            sink.dead_letter = dead_letter
         self._jobs: queue.Queue[_FlushJob | None] = queue.Queue()
         self.results: queue.Queue[_FlushOutcome] = queue.Queue()
         self._current: _FlushJob | None = None
@@ -270,24 +319,14 @@ class _Flusher:
 
     def _flush(self, job: _FlushJob) -> _FlushOutcome:
         start = time.monotonic()
-        retries = 0
-        delay = 0.05
-        while True:
-            if job.cancel.is_set():
-                return _FlushOutcome(job, None, None, True, time.monotonic() - start, retries)
-            try:
-                result = self.sink.flush(job.batch)
-                return _FlushOutcome(job, result, None, False, time.monotonic() - start, retries)
-            except Exception as exc:
-                elapsed = time.monotonic() - start
-                if job.cancel.is_set():
-                    return _FlushOutcome(job, None, exc, True, elapsed, retries)
-                if not is_transient(exc) or elapsed >= self.retry_budget_s:
-                    return _FlushOutcome(job, None, exc, False, elapsed, retries)
-                retries += 1
-                log.warning("flush failed (%s); retry %d", _first_line(exc), retries)
-                job.cancel.wait(random.uniform(0, delay))
-                delay = min(delay * 2, 2.0)
+        if job.cancel.is_set():
+            return _FlushOutcome(job, None, None, True, 0.0, 0)
+        try:
+            result = self.sink.flush(job.batch)
+            return _FlushOutcome(job, result, None, False, time.monotonic() - start, 0)
+        except Exception as exc:
+            cancelled = job.cancel.is_set()
+            return _FlushOutcome(job, None, exc, cancelled, time.monotonic() - start, 0)
 
 
 # ------------------------------------------------------------------------------ engine
@@ -344,8 +383,17 @@ class Engine:
     start, the schema does not fit, or a flush fails for good; nothing is committed
     past an event that was not durably handled in any of these cases.
 
-    ``consumer_factory`` and ``sink_factory`` exist for tests (fakes); ``on_invalid`` /
-    ``dead_letters`` receive invalid messages (see :class:`DeadLetterSink`).
+    Failures are classified once (:func:`spr.classify.classify`, design §6): a TRANSIENT
+    flush failure is retried with backoff and full jitter (``config.retry_policy``)
+    while the loop keeps polling with every partition paused, and feeds a
+    :class:`~spr.retry.CircuitBreaker` that, once open, holds the partitions paused and
+    lets one probe flush through per cool-down; rows the database rejects (DATA) are
+    isolated and dead-lettered; anything else stops the engine.
+
+    ``consumer_factory`` and ``sink_factory`` exist for tests (fakes); ``dead_letters``
+    receives invalid messages and rejected rows (see :class:`DeadLetterSink`); without
+    it they are only counted, and a rejected row stops the engine. ``metrics`` gets the
+    engine's counters about once a second (and once more on shutdown).
     """
 
     def __init__(
@@ -357,6 +405,7 @@ class Engine:
         clock: Clock | None = None,
         dead_letters: DeadLetterSink | None = None,
         decode_limits: DecodeLimits = DEFAULT_LIMITS,
+        metrics: MetricsPublisher | None = None,
     ) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
@@ -392,6 +441,21 @@ class Engine:
         self._last_message_s = 0.0
         self._last_lag_check_s = 0.0
         self._counts: dict[str, Any] = EngineStats().as_dict()
+        self._partition_counts: dict[TopicPartitionKey, int] = {}  # read+reset by metrics
+
+        self._retry_policy = config.retry_policy
+        self._breaker = CircuitBreaker(config.breaker, on_change=self._on_circuit_change)
+        # The flush thread dead-letters rejected rows while this thread sends invalid
+        # events: the dead-letter writer is not thread-safe.
+        self._dead_letter_lock = threading.Lock()
+        self._metrics = metrics
+        self._local = LocalStats()
+        self._metrics_previous: dict[str, Any] = {}
+        self._metrics_last_s = time.monotonic()
+        self._retention_checked = False
+        self._pause_level = logging.DEBUG
+        self._pending_timestamps: array[int] = array("q")
+        self._pending_weights: array[int] = array("q")
 
     def _default_sink(self) -> PostgresSink:
         c = self.config
@@ -416,7 +480,13 @@ class Engine:
         counts["paused_partitions"] = len(self._paused)
         counts["assigned_partitions"] = len(self._assigned)
         counts["buffered_bytes"] = self._buffered_bytes()
+        counts["circuit_state"] = int(self._breaker.state)
         return EngineStats(**counts)
+
+    @property
+    def circuit_state(self) -> CircuitState:
+        """The flush circuit breaker's state."""
+        return self._breaker.state
 
     def run(self) -> EngineStats:
         """Consume until stopped; see the class docstring. Blocks; raises SprError."""
@@ -429,7 +499,9 @@ class Engine:
         try:
             self._probe_topics()
             self._flusher = _Flusher(
-                self._sink_factory(), retry_budget_s=config.flush_retry_s, clock=self.clock
+                self._sink_factory(),
+                clock=self.clock,
+                dead_letter=self._dead_letter_rows if self._dead_letters is not None else None,
             )
             consumer.subscribe(
                 list(config.topics),
@@ -444,6 +516,7 @@ class Engine:
             self._raise_fatal()
             self._commit_kafka(sync=True)
         finally:
+            self._publish_metrics()
             self._shutdown()
         return self.stats()
 
@@ -463,7 +536,10 @@ class Engine:
                 if max_events is not None:
                     room = max_events - self._counts["consumed"]
                     messages = self._truncate(messages, room)
+                before = self._pending_messages
                 self._process(messages)
+                if self._pending_messages > before:
+                    self._sample_timestamps(messages, self._pending_messages - before)
                 if max_events is not None and self._counts["consumed"] >= max_events:
                     self._stop.set()
             self._service()
@@ -482,60 +558,33 @@ class Engine:
         return kept
 
     def _process(self, messages: Sequence[Any]) -> None:
-        assigned = self._assigned
-        values: list[bytes | None] = []
-        offsets: list[int] = []
-        timestamps: list[int] = []
-        data: list[Any] = []
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                self._kafka_error(error)
-                continue
-            if (message.topic(), message.partition()) not in assigned:
-                # Fetched before a revoke was served; the next owner reads it.
-                continue
-            data.append(message)
-            values.append(message.value())
-            offsets.append(message.offset())
-            timestamps.append(message.timestamp()[1])
-        if not data:
-            return
+        """Take one consume() result into the waiting batch with one call into the core
+        (decode, key check, idempotency ring, collapse: ``Batch.ingest``); classify the
+        Kafka errors and dead-letter the invalid events it hands back."""
         now = self.clock.monotonic()
+        result = self._pending.ingest(
+            messages, self._ring, int(now * 1000), self._assigned, self._limits
+        )
+        for message in result.errors:
+            self._kafka_error(message.error())
+        if not result.consumed:
+            return
         self._last_message_s = now
         if self._pending_since is None:
             self._pending_since = now
         counts = self._counts
-        counts["consumed"] += len(data)
-        events, invalid = decode_batch(values, offsets, timestamps, self._limits)
-        pending = self._pending
-        if invalid:
-            for index, reason in invalid:
-                message = data[index]
+        counts["consumed"] += result.consumed
+        counts["duplicate"] += result.duplicates
+        self._pending_messages += result.consumed
+        partition_counts = self._partition_counts
+        for key, events in result.partition_counts.items():
+            partition_counts[key] = partition_counts.get(key, 0) + events
+        if result.invalid:
+            # Their offsets are already advanced in the batch; a dead-letter failure
+            # stops the engine (_fail) before that batch can be flushed.
+            self._pending_invalid += len(result.invalid)
+            for message, reason in result.invalid:
                 self._handle_invalid(message, reason)
-                pending.advance(message.topic(), message.partition(), offsets[index])
-            self._pending_invalid += len(invalid)
-        fingerprints = []
-        positions = []
-        for index, event in enumerate(events):
-            if event is not None:
-                fingerprints.append(
-                    event_fingerprint(event.entity_type, event.entity_id, event.sequence)
-                )
-                positions.append(index)
-        seen = self._ring.seen_or_add_many(fingerprints, int(now * 1000))
-        duplicates = 0
-        for index, was_seen in zip(positions, seen, strict=True):
-            message = data[index]
-            if was_seen:
-                duplicates += 1
-                pending.advance(message.topic(), message.partition(), offsets[index])
-            else:
-                event = events[index]
-                assert event is not None
-                pending.add(event, message.topic(), message.partition(), offsets[index])
-        counts["duplicate"] += duplicates
-        self._pending_messages += len(data)
 
     def _handle_invalid(self, message: Any, reason: str) -> None:
         self._counts["invalid"] += 1
@@ -546,20 +595,48 @@ class Engine:
             message.offset(),
             reason,
         )
-        if self._dead_letters is not None:
-            self._dead_letters.send(message, reason)
+        dead_letters = self._dead_letters
+        if dead_letters is None or self._fatal is not None:
+            return
+        try:
+            with self._dead_letter_lock:
+                dead_letters.send(message, reason)
+        except DeadLetterUnavailable as exc:
+            # Its offset must not be committed: stop before the batch holding it goes.
+            self._fail(exc)
+            return
+        log_event(
+            log,
+            "dlq",
+            error_class=str(ErrorClass.INVALID),
+            topic=message.topic(),
+            partition=message.partition(),
+            offset=message.offset(),
+            reason=reason,
+        )
+
+    def _fail(self, exc: BaseException) -> None:
+        """Stop with ``exc``: nothing more is flushed, committed or dead-lettered."""
+        if self._fatal is None:
+            self._fatal = exc
+        self._stop.set()
 
     def _kafka_error(self, error: Any) -> None:
         code = error.code()
         if code == _ERR_PARTITION_EOF:
             return
         self._counts["kafka_errors"] += 1
-        if error.fatal():
-            raise ServerUnavailable(f"Kafka reported a fatal error: {error.str()}")
+        error_class = classify_kafka_error(error)
+        if error_class is ErrorClass.FATAL:
+            raise ServerUnavailable(
+                f"Kafka reported an error spr cannot recover from: {error.str()}"
+            )
         if code in (_ERR_UNKNOWN_TOPIC, _ERR_UNKNOWN_TOPIC_OR_PART):
             self._kafka_log.warning("Kafka: %s", error.str())
             return
-        self._kafka_log.warning("Kafka error (retried by the client): %s", error.str())
+        # TRANSIENT: the client retries by itself. INVALID/DATA name a record the client
+        # could not read: it is skipped by the client, and counted here.
+        self._kafka_log.warning("Kafka error (%s): %s", error_class, error.str())
 
     # -- flushing ---------------------------------------------------------------------
 
@@ -573,9 +650,13 @@ class Engine:
         return pending.row_count >= policy.max_rows or pending.nbytes >= policy.max_bytes
 
     def _batch_due(self) -> bool:
+        # Group commit: with no flush in flight the database is idle, so anything pending
+        # goes now (at a low rate an event waits for one flush, not for max_age_ms);
+        # while a flush runs, the next batch grows by itself, up to the batch policy's
+        # limits, which is what lets the engine keep pace with the database under load.
         if not self._pending_messages:
             return False
-        if self._batch_full() or self._stop.is_set():
+        if self._inflight is None or self._batch_full() or self._stop.is_set():
             return True
         assert self._pending_since is not None
         age_ms = (self.clock.monotonic() - self._pending_since) * 1000.0
@@ -585,20 +666,27 @@ class Engine:
         """Collect a finished flush, hand off the next one, apply backpressure."""
         flusher = self._flusher
         assert flusher is not None
+        self._raise_fatal()
         while True:
             try:
                 outcome = flusher.results.get_nowait()
             except queue.Empty:
                 break
             self._on_outcome(outcome)
-        if self._inflight is None and self._batch_due():
+        self._raise_fatal()
+        self._drive_retry()
+        self._tick_metrics()
+        if self._inflight is None and self._batch_due() and self._breaker_allows():
             self._submit()
         elif self._inflight is not None and not self._paused and self._batch_full():
             # Flow control: the next batch is full, so wait for the flush instead of
-            # fetching more. A short wait is far cheaper than a pause (which drops the
-            # prefetch); only a flush slower than slow_flush_ms leads to a pause below.
-            slow_s = self.config.backpressure.slow_flush_ms / 1000.0
-            if self._wait_inflight(self._inflight.started_s + slow_s) and self._batch_due():
+            # fetching more. Blocking keeps librdkafka's prefetch (bounded by
+            # queued.max.messages.kbytes), which a pause would drop; it lasts at most as
+            # long as the longest pause would (max_cool_down_ms, far below
+            # max.poll.interval.ms), and only a flush still running then leads to a
+            # pause below, with consume() called meanwhile to stay in the group.
+            block_s = self.config.backpressure.max_cool_down_ms / 1000.0
+            if self._wait_inflight(self._inflight.started_s + block_s) and self._batch_due():
                 self._submit()
         buffered = self._buffered_bytes()
         if buffered > self._counts["max_buffered_bytes"]:
@@ -608,14 +696,48 @@ class Engine:
         pause = self._backpressure.update(
             inflight_age_s=age, buffered_bytes=buffered, batch_full=self._batch_full()
         )
-        self._apply_pause(pause)
+        self._apply_pause(pause or self._holding())
+
+    def _holding(self) -> bool:
+        """Whether flushing is held up by failures: a flush waits for its retry, or the
+        circuit breaker is not closed. All partitions stay paused meanwhile."""
+        job = self._inflight
+        return (job is not None and job.retry is not None) or (
+            self._breaker.state is not CircuitState.CLOSED
+        )
+
+    def _breaker_allows(self) -> bool:
+        """Whether a new flush may start now: always while the breaker is closed;
+        otherwise only as its probe (a flush waiting for its retry normally is that
+        probe, see :meth:`_drive_retry`; this covers a batch gathered after one was
+        dropped by a rebalance)."""
+        breaker = self._breaker
+        return breaker.state is CircuitState.CLOSED or breaker.allow(self.clock.monotonic())
+
+    def _drive_retry(self) -> None:
+        """Resubmit a flush that waits for its retry once its backoff is over and the
+        circuit breaker allows (in half-open state that attempt is the probe)."""
+        job = self._inflight
+        flusher = self._flusher
+        if job is None or job.running or job.retry is None or flusher is None:
+            return
+        now = self.clock.monotonic()
+        if not job.retry.ready(now) or not self._breaker.allow(now):
+            return
+        job.running = True
+        flusher.submit(job)
 
     def _submit(self) -> None:
         flusher = self._flusher
         assert flusher is not None and self._inflight is None
         if self._pending_invalid and self._dead_letters is not None:
             # Dead letters must be durable before the offsets past them are.
-            self._dead_letters.flush()
+            try:
+                with self._dead_letter_lock:
+                    self._dead_letters.flush()
+            except DeadLetterUnavailable as exc:
+                self._fail(exc)
+                self._raise_fatal()
         self._job_number += 1
         job = _FlushJob(
             number=self._job_number,
@@ -623,11 +745,16 @@ class Engine:
             events=self._pending.events_added,
             started_s=self.clock.monotonic(),
             cancel=threading.Event(),
+            running=True,
+            timestamps=self._pending_timestamps,
+            weights=self._pending_weights,
         )
         self._pending = Batch(STATE_COLUMNS)
         self._pending_since = None
         self._pending_messages = 0
         self._pending_invalid = 0
+        self._pending_timestamps = array("q")
+        self._pending_weights = array("q")
         self._inflight = job
         flusher.submit(job)
 
@@ -637,37 +764,71 @@ class Engine:
             # A cancelled flush that finished after we stopped waiting for it: whatever
             # it committed is harmless (monotonic), and its rows were already written off.
             return
-        if job is self._inflight:
-            self._inflight = None
+        job.running = False
         counts = self._counts
-        counts["flush_retries"] += outcome.retries
+        now = self.clock.monotonic()
         if outcome.result is not None:
+            if job is self._inflight:
+                self._inflight = None
             result = outcome.result
+            self._breaker.record_success(now)
+            if job.retry is not None:
+                log.warning("flush succeeded after %d retry(ies)", job.retry.attempts)
             counts["flushes"] += 1
             counts["applied"] += result.applied
             counts["stale"] += result.stale
+            counts["rejected"] += result.rejected
             counts["collapsed"] += job.events - result.rows
             counts["flush_seconds_total"] += outcome.duration_s
             counts["flush_seconds_last"] = outcome.duration_s
             counts["flush_seconds_max"] = max(counts["flush_seconds_max"], outcome.duration_s)
             self._backpressure.flush_finished(outcome.duration_s)
+            if self._metrics is not None:
+                self._observe_flush(job, outcome.duration_s)
             for key, offset in result.offsets.items():
                 if offset > self._committed.get(key, -1):
                     self._committed[key] = offset
             self._commit_kafka(sync=False, offsets=result.offsets)
             return
         if outcome.cancelled:
+            if job is self._inflight:
+                self._inflight = None
             return
         error = outcome.error
         assert error is not None
-        if isinstance(error, ServerUnavailable) or is_transient(error):
+        error_class = classify(error)
+        if error_class is ErrorClass.TRANSIENT:
+            self._breaker.record_failure(now)
+            if job.retry is None:
+                job.retry = self._retry_policy.start(job.started_s)
+            delay = job.retry.next_delay(now)
+            if delay is not None:
+                # The job stays in flight; _drive_retry resubmits it, partitions paused.
+                counts["flush_retries"] += 1
+                log.warning(
+                    "flush failed (%s); retry %d in %.2f s",
+                    _first_line(error),
+                    job.retry.attempts,
+                    delay,
+                )
+                return
             message = (
                 f"PostgreSQL stayed unavailable for {self.config.flush_retry_s:g} s "
                 f"({redact_dsn(self.config.dsn)}): {_first_line(error)}"
             )
+        elif isinstance(error, DeadLetterUnavailable):
+            message = str(error)
+        elif error_class is ErrorClass.DATA:
+            message = (
+                f"PostgreSQL rejected a row and dead letters are turned off: {_first_line(error)}"
+            )
         else:
             message = f"a flush to PostgreSQL failed: {_first_line(error)}"
-        self._fatal = FlushFailed(message, error)
+        if job is self._inflight:
+            self._inflight = None
+        self._fail(
+            error if isinstance(error, DeadLetterUnavailable) else FlushFailed(message, error)
+        )
 
     def _wait_inflight(self, deadline_s: float) -> bool:
         """Block until the in-flight flush reports, or ``deadline_s``; True when done."""
@@ -676,8 +837,10 @@ class Engine:
             remaining = deadline_s - self.clock.monotonic()
             if remaining <= 0 or flusher is None:
                 return False
+            self._drive_retry()
+            waiting = not self._inflight.running
             try:
-                outcome = flusher.results.get(timeout=min(remaining, 0.2))
+                outcome = flusher.results.get(timeout=min(remaining, 0.05 if waiting else 0.2))
             except queue.Empty:
                 continue
             self._on_outcome(outcome)
@@ -710,7 +873,11 @@ class Engine:
         """
         job = self._inflight
         flusher = self._flusher
-        if job is not None and flusher is not None:
+        if job is not None and not job.running:
+            # Waiting for a retry: nothing of it is in the database's hands.
+            job.cancel.set()
+            self._inflight = None
+        elif job is not None and flusher is not None:
             flusher.cancel(job)
             if not self._wait_inflight(self.clock.monotonic() + 5.0):
                 # It may still commit later; that is a zombie write, and harmless.
@@ -774,7 +941,16 @@ class Engine:
             if todo:
                 if not self._paused:
                     self._counts["pauses"] += 1
-                    log.debug("pausing (%s)", self._backpressure.reason)
+                    # Backpressure pauses come and go many times a second under load;
+                    # a pause held by failures is worth an INFO line.
+                    self._pause_level = logging.INFO if self._holding() else logging.DEBUG
+                    log_event(
+                        log,
+                        "pause",
+                        level=self._pause_level,
+                        reason=self._pause_reason(),
+                        partitions=len(todo),
+                    )
                 try:
                     consumer.pause([_topic_partition(t, p) for t, p in sorted(todo)])
                     self._paused |= todo
@@ -790,8 +966,16 @@ class Engine:
                     consumer.list_topics(self.config.topics[0], timeout=1.0)
             except Exception as exc:
                 log.debug("resume failed: %s", exc)
+            log_event(log, "resume", level=self._pause_level, partitions=len(todo))
             self._paused = set()
             self._counts["resumes"] += 1
+
+    def _pause_reason(self) -> str:
+        if self._breaker.state is not CircuitState.CLOSED:
+            return f"circuit {self._breaker.state.name.lower()}"
+        if self._inflight is not None and self._inflight.retry is not None:
+            return "flush retry"
+        return self._backpressure.reason
 
     # -- rebalance callbacks (run inside consume(), on this thread) ------------------
 
@@ -809,10 +993,10 @@ class Engine:
                 self._assigned = set(keys)
                 self._paused.clear()
             # librdkafka does not carry pause state across assignments: re-apply ours.
-            if self._backpressure.paused and keys:
+            if (self._backpressure.paused or self._holding()) and keys:
                 consumer.pause([_topic_partition(t, p) for t, p in keys])
                 self._paused |= set(keys)
-            log.info("assigned %d partition(s): %s", len(keys), _describe(keys))
+            log_event(log, "rebalance", change="assign", partitions=_describe(keys))
         except BaseException as exc:
             self._fatal = exc
             self._stop.set()
@@ -842,7 +1026,8 @@ class Engine:
                 self._committed.pop(key, None)
             else:
                 start[key] = self._check_gap(key, offset, log_starts.get(key, -1))
-                self._committed[key] = offset
+                # A skipped gap moved the stored offset forward (see _check_gap).
+                self._committed[key] = max(offset, start[key])
             self._start_offsets[key] = start[key]
         return start
 
@@ -858,15 +1043,38 @@ class Engine:
                 f"{low}, so {gap} event(s) were deleted by retention before being applied; "
                 "set on_offset_gap to 'earliest' or 'latest' to skip them"
             )
+        if choice == "earliest":
+            resume = low
+        else:
+            resume = max(low, self._watermarks([key], latest=True)[key])
         self._counts["offset_gaps"] += 1
-        log.warning(
-            "%s[%d]: skipping a retention gap of %d event(s) (on_offset_gap=%s)",
-            key[0],
-            key[1],
-            gap,
-            choice,
+        self._counts["offset_gap_events"] += gap
+        log_event(
+            log,
+            "offset_gap",
+            level=logging.WARNING,
+            topic=key[0],
+            partition=key[1],
+            stored_offset=offset,
+            log_start=low,
+            gap_events=gap,
+            on_offset_gap=choice,
+            resume_offset=resume,
         )
-        return low if choice == "earliest" else OFFSET_END
+        control = self._control
+        if control is not None:
+            # Recorded, and the stored offset moved past the gap, before anything after
+            # it can be applied; a failure stops the engine (nothing is skipped unseen).
+            control.record_offset_gap(
+                self.config.group_id,
+                key[0],
+                key[1],
+                stored_offset=offset,
+                log_start=low,
+                resumed_at=choice,
+                resume_offset=resume,
+            )
+        return resume
 
     def _admin_client(self) -> Any:
         """An AdminClient for offset look-ups. The consumer's own connection would queue
@@ -904,25 +1112,27 @@ class Engine:
     def _load_offsets_retrying(self, topics: list[str]) -> dict[TopicPartitionKey, int]:
         control = self._control
         assert control is not None
-        deadline = self.clock.monotonic() + self.config.effective_revoke_budget_ms / 1000.0
-        delay = 0.05
-        while True:
-            try:
-                return control.load_offsets(self.config.group_id, topics)
-            except Exception as exc:
-                if not is_transient(exc) or self.clock.monotonic() >= deadline:
-                    raise ServerUnavailable(
-                        f"cannot read offsets from PostgreSQL ({redact_dsn(self.config.dsn)}): "
-                        f"{_first_line(exc)}"
-                    ) from exc
-                time.sleep(random.uniform(0, delay))
-                delay = min(delay * 2, 1.0)
+        budget = self.config.effective_revoke_budget_ms / 1000.0
+        policy = replace(self._retry_policy, max_delay=1.0, max_elapsed=budget)
+        try:
+            # Blocking is fine here: this runs inside a rebalance callback, within budget.
+            return policy.call(
+                lambda: control.load_offsets(self.config.group_id, topics),
+                should_retry=lambda exc: classify(exc) is ErrorClass.TRANSIENT,
+                clock=SystemClock(),
+            )
+        except Exception as exc:
+            raise ServerUnavailable(
+                f"cannot read offsets from PostgreSQL ({redact_dsn(self.config.dsn)}): "
+                f"{_first_line(exc)}"
+            ) from exc
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         try:
             keys = {(p.topic, p.partition) for p in partitions}
             self._counts["rebalances"] += 1
             self._counts["partitions_revoked"] += len(keys)
+            log_event(log, "rebalance", change="revoke", partitions=_describe(sorted(keys)))
             if self._fatal is None:
                 budget = self.config.effective_revoke_budget_ms / 1000.0
                 if not self._drain(budget):
@@ -938,7 +1148,14 @@ class Engine:
             keys = {(p.topic, p.partition) for p in partitions}
             self._counts["rebalances"] += 1
             self._counts["partitions_lost"] += len(keys)
-            log.warning("lost %d partition(s): dropping their in-flight work", len(keys))
+            log_event(
+                log,
+                "rebalance",
+                level=logging.WARNING,
+                change="lost",
+                partitions=_describe(sorted(keys)),
+                note="dropping their in-flight work",
+            )
             self._abandon()
             self._release(consumer, keys)
         except BaseException as exc:
@@ -958,6 +1175,7 @@ class Engine:
         for key in keys:
             self._committed.pop(key, None)
             self._start_offsets.pop(key, None)
+            self._local.forget_partition(*key)
         if not self._assigned:
             self._backpressure.reset()
 
@@ -1033,6 +1251,210 @@ class Engine:
             self._flusher.close()
         if self._control is not None:
             self._control.close()
+
+    # -- dead letters from the flush thread -------------------------------------------
+
+    def _dead_letter_rows(self, rows: Sequence[RejectedRow]) -> None:
+        """Dead-letter rows the database rejected (class DATA); runs on the flush thread,
+        inside the flush's transaction, and blocks until Kafka acknowledged them all.
+
+        The batch keeps no messages (that would cost an object per event in the hot
+        loop), so the original key, value and headers are read back from Kafka by
+        position; a message that is gone (retention) is rebuilt from the row: its
+        partition key and payload, without headers. Raises DeadLetterUnavailable.
+        """
+        dead_letters = self._dead_letters
+        assert dead_letters is not None
+        from spr.dlq import SourceRecord
+
+        originals = self._fetch_originals([(r.topic, r.partition, r.offset) for r in rows])
+        with self._dead_letter_lock:
+            for row in rows:
+                record = originals.get((row.topic, row.partition, row.offset))
+                if record is None:
+                    record = SourceRecord(
+                        topic=row.topic,
+                        partition=row.partition,
+                        offset=row.offset,
+                        key=row.key,
+                        value=row.value,
+                    )
+                reason = error_reason(row.error)
+                dead_letters.send(record, reason, error_class=str(ErrorClass.DATA))
+                log_event(
+                    log,
+                    "dlq",
+                    level=logging.WARNING,
+                    error_class=str(ErrorClass.DATA),
+                    topic=row.topic,
+                    partition=row.partition,
+                    offset=row.offset,
+                    reason=reason,
+                )
+            dead_letters.flush()
+
+    def _fetch_originals(self, positions: Sequence[tuple[str, int, int]]) -> dict[Any, Any]:
+        """The messages at ``positions`` as :class:`spr.dlq.SourceRecord`, read with a
+        throw-away consumer (no group); missing ones are left out. Blocks up to
+        ``connect_timeout_s`` + 5 s; never raises."""
+        from confluent_kafka import Consumer
+
+        from spr.dlq import SourceRecord
+
+        wanted = set(positions)
+        found: dict[Any, Any] = {}
+        if not wanted:
+            return found
+        conf = {k: v for k, v in self._consumer_conf.items() if k.startswith(_ADMIN_KEY_PREFIXES)}
+        conf.update(
+            {
+                "group.id": f"{self.config.group_id}.spr-dlq-read",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "logger": logging.getLogger("spr.kafka"),
+            }
+        )
+        starts: dict[TopicPartitionKey, int] = {}
+        for topic, partition, offset in wanted:
+            starts[(topic, partition)] = min(offset, starts.get((topic, partition), offset))
+        ends = {key: max(o for t, p, o in wanted if (t, p) == key) for key in starts}
+        reader = None
+        try:
+            reader = Consumer(conf)
+            reader.assign([_topic_partition(t, p, o) for (t, p), o in starts.items()])
+            deadline = time.monotonic() + self.config.connect_timeout_s + 5.0
+            done: set[TopicPartitionKey] = set()
+            while len(done) < len(starts) and time.monotonic() < deadline:
+                messages: list[Any] = reader.consume(500, 0.5)
+                for message in messages:
+                    key = (message.topic(), message.partition())
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == _ERR_PARTITION_EOF:
+                            done.add(key)
+                        continue
+                    position = (key[0], key[1], message.offset())
+                    if position in wanted:
+                        found[position] = SourceRecord.from_message(message)
+                    if message.offset() >= ends.get(key, -1):
+                        done.add(key)
+        except Exception as exc:  # the rows' own data is the fallback
+            log.warning("cannot read rejected messages back from Kafka: %s", _first_line(exc))
+        finally:
+            if reader is not None:
+                try:
+                    reader.close()
+                except Exception as exc:
+                    log.debug("closing the dead-letter reader failed: %s", exc)
+        return found
+
+    # -- circuit breaker and metrics ----------------------------------------------------
+
+    def _on_circuit_change(self, old: CircuitState, new: CircuitState) -> None:
+        if new is CircuitState.OPEN and old is CircuitState.CLOSED:
+            self._counts["circuit_opens"] += 1
+        log_event(
+            log,
+            "circuit",
+            level=logging.WARNING if new is CircuitState.OPEN else logging.INFO,
+            old=old.name.lower(),
+            new=new.name.lower(),
+            failure_rate=round(self._breaker.failure_rate, 3),
+        )
+
+    def _sample_timestamps(self, messages: Sequence[Any], added: int) -> None:
+        """Record broker timestamps for the latency histogram, for ``added`` events of
+        one consume() call: the first, middle and last message stand for all of them
+        (weights split evenly), so the hot loop pays three calls per batch, not one
+        per event."""
+        if self._metrics is None or not messages:
+            return
+        samples = (messages[0], messages[len(messages) // 2], messages[-1])
+        share, extra = divmod(added, len(samples))
+        for i, message in enumerate(samples):
+            weight = share + (1 if i < extra else 0)
+            if weight:
+                timestamp = message.timestamp()[1]
+                if timestamp > 0:
+                    self._pending_timestamps.append(timestamp)
+                    self._pending_weights.append(weight)
+
+    def _observe_flush(self, job: _FlushJob, duration_s: float) -> None:
+        local = self._local
+        local.observe_flush(duration_s)
+        if job.timestamps:
+            assert job.weights is not None
+            commit_ms = time.time() * 1000.0
+            for timestamp, weight in zip(job.timestamps, job.weights, strict=True):
+                local.observe_latency(max(commit_ms - timestamp, 0.0) / 1000.0, weight)
+
+    def _tick_metrics(self) -> None:
+        """About once a second (the publisher's interval): publish the counters."""
+        publisher = self._metrics
+        if publisher is None:
+            return
+        now = time.monotonic()
+        if now - self._metrics_last_s < publisher.interval_s:
+            return
+        self._metrics_last_s = now
+        self._publish_metrics()
+
+    def _publish_metrics(self) -> None:
+        """Fold counter deltas, circuit state, lag and per-partition counts into the
+        local stats and publish them. Runs on the engine's thread; never raises."""
+        publisher = self._metrics
+        if publisher is None:
+            return
+        local = self._local
+        try:
+            current = self.stats().as_dict()
+            fold_engine_counters(local, self._metrics_previous, current)
+            self._metrics_previous = current
+            local.circuit_state = int(self._breaker.state)
+            # Maintained by _process (events per partition since the last tick).
+            counts: dict[TopicPartitionKey, int] | None = getattr(self, "_partition_counts", None)
+            if counts:
+                for (topic, partition), events in counts.items():
+                    local.count_partition_events(topic, partition, events)
+                counts.clear()
+            self._update_lag(local)
+            publisher.publish(local)
+        except Exception as exc:  # metrics must never stop the engine
+            log.debug("publishing metrics failed: %s", exc)
+
+    def _update_lag(self, local: LocalStats) -> None:
+        consumer = self._consumer
+        if consumer is None or not self._assigned:
+            return
+        keys = sorted(self._assigned)
+        positions = consumer.position([_topic_partition(t, p) for t, p in keys])
+        for tp in positions:
+            key = (tp.topic, tp.partition)
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            position = tp.offset if tp.offset >= 0 else self._committed.get(key, -1)
+            if high >= 0 and position >= 0:
+                local.set_lag(tp.topic, tp.partition, max(0, high - position))
+        if not self._retention_checked:
+            self._retention_checked = True
+            local.retention_seconds.update(self._retention_seconds())
+
+    def _retention_seconds(self) -> dict[str, float]:
+        """Each topic's ``retention.ms`` in seconds (absent when infinite); one request."""
+        from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
+
+        resources = [ConfigResource("topic", topic) for topic in self.config.topics]
+        result: dict[str, float] = {}
+        try:
+            futures = self._admin_client().describe_configs(
+                resources, request_timeout=self.config.connect_timeout_s
+            )
+            for resource, future in futures.items():
+                entry = future.result(timeout=self.config.connect_timeout_s).get("retention.ms")
+                if entry is not None and entry.value is not None and int(entry.value) > 0:
+                    result[resource.name] = int(entry.value) / 1000.0
+        except Exception as exc:
+            log.debug("topic retention unavailable: %s", exc)
+        return result
 
 
 def _describe(keys: Sequence[TopicPartitionKey]) -> str:

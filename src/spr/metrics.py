@@ -321,7 +321,8 @@ def fold_engine_counters(
 
     Mapping: ``applied`` = applied + collapsed (superseded within a batch by a newer
     sequence of the same entity, which is what applying it in order gives);
-    ``stale``; ``duplicate``; ``dead_lettered`` = invalid; ring lookups = consumed -
+    ``stale``; ``duplicate``; ``dead_lettered`` = invalid + rejected (rows the database
+    refused, dead-lettered); ring lookups = consumed -
     invalid (every decodable event is looked up) and hits = duplicate; ``rebalances``.
     ``paused_partitions`` is copied as a current value.
     """
@@ -332,7 +333,7 @@ def fold_engine_counters(
     stats.applied += delta("applied") + delta("collapsed")
     stats.stale += delta("stale")
     stats.duplicate += delta("duplicate")
-    stats.dead_lettered += delta("invalid")
+    stats.dead_lettered += delta("invalid") + delta("rejected")
     stats.idempotency_lookups += delta("consumed") - delta("invalid")
     stats.idempotency_hits += delta("duplicate")
     stats.rebalances += delta("rebalances")

@@ -6,6 +6,13 @@ with ``--idle-exit S``, until nothing new arrived for S seconds and every partit
 its topics is applied up to its end offset. ``--workers N`` runs N engine processes in
 the same group; the parent forwards signals and exits non-zero if any worker failed.
 
+Invalid events, and rows PostgreSQL rejects for their content, go to the dead-letter
+topic ``<topic>.dlq`` (``--dlq-topic``; ``--no-dlq`` turns dead letters off explicitly).
+When it cannot be written the command stops with exit code 2, and no offset is
+committed past the event. ``--metrics-port P`` serves Prometheus metrics on
+``http://127.0.0.1:P/metrics`` (``--metrics-addr`` to change the address); ``--log-json``
+writes one JSON object per log line.
+
 Settings come from ``--config FILE.toml``, then ``SPR_*`` variables, then flags (flags
 win); ``-X key=value`` passes librdkafka settings through to the consumer. A missing
 server or a bad setting ends the command with one sentence and exit code 2.
@@ -24,8 +31,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from spr.config import load_engine_config, load_table_config
+from spr.config import EngineConfig, load_engine_config, load_table_config
 from spr.errors import ConfigError
+from spr.logs import configure_logging
 from spr.sink.postgres import PostgresSink, redact_dsn
 
 __all__ = ["register"]
@@ -79,6 +87,33 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("--batch-max-rows", type=int, metavar="N", help="flush at N rows")
     run.add_argument("--batch-max-age-ms", type=int, metavar="MS", help="flush at this age")
     run.add_argument("--stats", metavar="FILE", help="write the final counters as JSON")
+    run.add_argument(
+        "--dlq-topic",
+        metavar="T",
+        help="dead-letter topic (default <topic>.dlq; {topic} is replaced by the source topic)",
+    )
+    run.add_argument(
+        "--no-dlq",
+        dest="dead_letters",
+        action="store_false",
+        default=None,
+        help="turn dead letters off: invalid events are only counted, rejected rows stop the run",
+    )
+    run.add_argument(
+        "--on-offset-gap",
+        choices=("fail", "earliest", "latest"),
+        help="when retention deleted unapplied events: stop (default) or skip the gap",
+    )
+    run.add_argument(
+        "--metrics-port", type=int, metavar="P", help="serve Prometheus metrics on this port"
+    )
+    run.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address of the metrics endpoint (default 127.0.0.1)",
+    )
+    run.add_argument("--log-json", action="store_true", help="log JSON lines (INFO and up)")
     run.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     run.set_defaults(func=_run)
 
@@ -138,14 +173,16 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "auto_create_schema": args.auto_create_schema,
         "batch_max_rows": args.batch_max_rows,
         "batch_max_age_ms": args.batch_max_age_ms,
+        "dlq_topic": args.dlq_topic,
+        "dead_letters": args.dead_letters,
+        "on_offset_gap": args.on_offset_gap,
     }
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
+    configure_logging(
+        json=args.log_json,
+        level=logging.INFO if args.verbose or args.log_json else logging.WARNING,
     )
     # The client logs every failed connection attempt; the engine reports what matters.
     logging.getLogger("spr.kafka").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
@@ -156,8 +193,16 @@ def _run(args: argparse.Namespace) -> int:
         return _run_workers(args, config.workers)
 
     from spr.engine import Engine
+    from spr.metrics import MetricsPublisher, SprMetrics, serve
 
-    engine = Engine(config)
+    server = None
+    publisher = None
+    if args.metrics_port is not None:
+        metrics = SprMetrics()
+        server = serve(args.metrics_port, args.metrics_addr, registry=metrics.registry)
+        publisher = MetricsPublisher(metrics)
+        log.info("metrics on %s", server.url)
+    engine = Engine(config, dead_letters=_dead_letters(config), metrics=publisher)
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         engine.stop()
@@ -169,6 +214,8 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if server is not None:
+            server.close()
     elapsed = time.monotonic() - start
     if args.stats:
         Path(args.stats).write_text(json.dumps({**stats.as_dict(), "elapsed_s": elapsed}))
@@ -176,10 +223,30 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"spr run: consumed {stats.consumed} event(s) in {elapsed:.1f} s ({rate:,.0f}/s): "
         f"{stats.applied} applied, {stats.stale} stale, {stats.collapsed} collapsed, "
-        f"{stats.duplicate} duplicate, {stats.invalid} invalid; {stats.flushes} flush(es)",
+        f"{stats.duplicate} duplicate, {stats.invalid} invalid, {stats.rejected} rejected by "
+        f"the database; {stats.flushes} flush(es)",
         file=sys.stderr,
     )
     return 0
+
+
+# Producer settings the dead-letter writer shares with the consumer (where and how to
+# connect); the rest of -X is consumer-only.
+_CONNECTION_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "client.", "broker.")
+
+
+def _dead_letters(config: EngineConfig) -> Any:
+    """The engine's dead-letter hook: ``<topic>.dlq`` (or ``config.dlq_topic``), written
+    by an idempotent producer, created on first use. None when turned off."""
+    if not config.dead_letters:
+        return None
+    from spr.dlq import DeadLetterWriter, InvalidEventSink
+
+    connection = {k: v for k, v in config.kafka.items() if k.startswith(_CONNECTION_PREFIXES)}
+    writer = DeadLetterWriter(
+        bootstrap=config.bootstrap, dlq_topic=config.dlq_topic, producer_config=connection
+    )
+    return InvalidEventSink(writer)
 
 
 def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
@@ -198,6 +265,17 @@ def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
         "--batch-max-rows": args.batch_max_rows,
         "--batch-max-age-ms": args.batch_max_age_ms,
         "--stats": f"{args.stats}.{index}" if args.stats else None,
+        "--dlq-topic": args.dlq_topic,
+        "--on-offset-gap": args.on_offset_gap,
+        # One endpoint per worker: consecutive ports (0 lets each pick a free one).
+        "--metrics-port": (
+            None
+            if args.metrics_port is None
+            else args.metrics_port + index
+            if args.metrics_port
+            else 0
+        ),
+        "--metrics-addr": args.metrics_addr if args.metrics_port is not None else None,
     }
     for flag, value in options.items():
         if value is not None:
@@ -206,6 +284,10 @@ def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
         argv.append("--auto-create-schema")
     if args.verbose:
         argv.append("-v")
+    if args.log_json:
+        argv.append("--log-json")
+    if args.dead_letters is False:
+        argv.append("--no-dlq")
     for item in args.kafka:
         argv += ["-X", item]
     return argv
@@ -244,7 +326,7 @@ def _db_init(args: argparse.Namespace) -> int:
     with PostgresSink(dsn, mapping=mapping, statement_timeout_ms=timeout_ms) as sink:
         sink.init_schema()
     print(
-        f"spr db init: tables {mapping.table} and {mapping.offsets_table} are ready "
-        f"in {redact_dsn(dsn)}"
+        f"spr db init: tables {mapping.table}, {mapping.offsets_table} and "
+        f"{mapping.gaps_table} are ready in {redact_dsn(dsn)}"
     )
     return 0

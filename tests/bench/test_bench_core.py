@@ -82,3 +82,18 @@ def test_batch(benchmark: Any, impl: str, record: Any) -> None:
 
     benchmark.pedantic(run, rounds=3, iterations=1)
     record(benchmark, "batch", impl, n)
+
+
+@pytest.mark.parametrize("impl", [COMPILED, "python", "separate-steps"])
+def test_ingest(benchmark: Any, impl: str, record: Any) -> None:
+    # The fused consume() -> decode -> key check -> ring -> collapse -> COPY path, on real
+    # confluent_kafka Messages of the spr bench workload; "separate-steps" is the
+    # compiled core driven the way the engine did it before Batch.ingest.
+    n = _n(100_000, impl)
+    messages = w.consumed_messages(n)
+    if impl == "separate-steps":
+        core = w.IMPLEMENTATIONS.get("compiled", w.IMPLEMENTATIONS["python"])
+        benchmark.pedantic(w.separate_steps, (core, messages), rounds=3, iterations=1)
+    else:
+        benchmark.pedantic(w.ingest, (w.IMPLEMENTATIONS[impl], messages), rounds=3, iterations=1)
+    record(benchmark, "ingest", impl, n)

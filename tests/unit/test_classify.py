@@ -139,6 +139,7 @@ KAFKA_ROWS = [
     (KafkaError.COORDINATOR_LOAD_IN_PROGRESS, False, False, TRANSIENT),
     (KafkaError.NOT_ENOUGH_REPLICAS, False, False, TRANSIENT),
     (KafkaError.REBALANCE_IN_PROGRESS, False, False, TRANSIENT),
+    (KafkaError._MAX_POLL_EXCEEDED, False, False, TRANSIENT),  # the next poll rejoins
     # any other code flagged retriable by librdkafka
     (KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, False, True, TRANSIENT),
     # invalid: a record the client could not read

@@ -31,8 +31,10 @@ def test_user_kafka_keys_win_and_defaults_follow_design() -> None:
     assert merged["enable.auto.commit"] == "false"
     assert merged["enable.auto.offset.store"] == "false"
     assert merged["partition.assignment.strategy"] == "cooperative-sticky"
-    assert merged["fetch.max.bytes"] == "10485760"
-    assert merged["max.partition.fetch.bytes"] == "1048576"
+    # Capped below the design's 10 MB / 1 MB for the RSS bound (issue 7 measurements).
+    assert merged["fetch.max.bytes"] == "2097152"
+    assert merged["max.partition.fetch.bytes"] == "524288"
+    assert merged["queued.max.messages.kbytes"] == "4096"
     assert dict(CONSUMER_DEFAULTS)["fetch.queue.backoff.ms"] == "10"  # not mutated
 
 

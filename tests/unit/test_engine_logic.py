@@ -14,6 +14,7 @@ import pytest
 from spr.clock import FakeClock
 from spr.config import BackpressurePolicy, BatchPolicy, EngineConfig
 from spr.engine import Backpressure, Engine, FlushFailed
+from spr.routing import partition_key
 from spr.sink.postgres import FlushResult
 
 
@@ -38,6 +39,14 @@ class Msg:
 
     def timestamp(self) -> tuple[int, int]:
         return (1, 1_700_000_000_000)
+
+    def key(self) -> bytes:
+        # What spr's producer sends: the partition key of the entity (design §3).
+        try:
+            body = json.loads(self._v or b"")
+            return partition_key(f"{body['entity_type']}:{body['entity_id']}").encode()
+        except (ValueError, KeyError, TypeError):
+            return b"not-an-entity"
 
 
 def ev(topic: str, partition: int, offset: int, entity: str, seq: int, state: str = "s") -> Msg:
@@ -294,27 +303,34 @@ def test_backpressure_hysteresis_and_backoff() -> None:
     policy = BackpressurePolicy(slow_flush_ms=50, memory_bound_bytes=1000, cool_down_ms=100,
                                 max_cool_down_ms=400, resume_ratio=0.5)  # fmt: skip
     bp = Backpressure(policy, clock)
-    assert not bp.update(inflight_age_s=0.01, buffered_bytes=0, batch_full=False)
-    # A slow flush pauses, and the pause lasts at least the cool-down.
-    assert bp.update(inflight_age_s=0.06, buffered_bytes=0, batch_full=False)
+    assert not bp.update(inflight_age_s=0.01, buffered_bytes=0, batch_full=True)
+    # A slow flush alone does not pause: the next batch keeps growing (group commit).
+    assert not bp.update(inflight_age_s=0.06, buffered_bytes=0, batch_full=False)
+    # Slow with the next batch full pauses, and the pause lasts at least the cool-down.
+    assert bp.update(inflight_age_s=0.06, buffered_bytes=0, batch_full=True)
     clock.advance(0.05)
     assert bp.update(inflight_age_s=None, buffered_bytes=0, batch_full=False)
     # Still slow when the cool-down ends: it doubles, up to the maximum.
     clock.advance(0.06)
-    assert bp.update(inflight_age_s=0.2, buffered_bytes=0, batch_full=False)
+    assert bp.update(inflight_age_s=0.2, buffered_bytes=0, batch_full=True)
     assert bp.cool_down_s == pytest.approx(0.2)
     for _ in range(3):
         clock.advance(bp.cool_down_s)
-        bp.update(inflight_age_s=1.0, buffered_bytes=0, batch_full=False)
+        bp.update(inflight_age_s=1.0, buffered_bytes=0, batch_full=True)
     assert bp.cool_down_s == pytest.approx(0.4)
     clock.advance(0.5)
     assert not bp.update(inflight_age_s=None, buffered_bytes=0, batch_full=False)
     bp.flush_finished(0.01)
     assert bp.cool_down_s == pytest.approx(0.1)
+    # Slow with buffered bytes past resume_ratio of the bound counts as full too.
+    assert bp.update(inflight_age_s=0.06, buffered_bytes=600, batch_full=False)
+    clock.advance(0.2)
+    assert not bp.update(inflight_age_s=None, buffered_bytes=0, batch_full=False)
+    bp.flush_finished(0.01)
     # Memory: pause at the bound, resume only at half of it.
     assert bp.update(inflight_age_s=None, buffered_bytes=1000, batch_full=False)
     assert bp.update(inflight_age_s=None, buffered_bytes=700, batch_full=False)
     assert not bp.update(inflight_age_s=None, buffered_bytes=500, batch_full=False)
-    # Flow control: a full batch waits only while a flush is in flight.
-    assert bp.update(inflight_age_s=0.0, buffered_bytes=0, batch_full=True)
+    # A full batch behind a young flush is flow control (the engine blocks), not a pause.
+    assert not bp.update(inflight_age_s=0.0, buffered_bytes=0, batch_full=True)
     assert not bp.update(inflight_age_s=None, buffered_bytes=0, batch_full=True)

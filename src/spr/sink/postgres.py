@@ -19,7 +19,7 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,14 +27,19 @@ import psycopg
 from psycopg import sql
 
 from spr._event import COLUMN_TYPES, STATE_COLUMNS
+from spr.classify import ErrorClass, classify
 from spr.config import DEFAULT_MAPPING, TableMapping
 from spr.errors import ConfigError, ServerUnavailable
+from spr.isolate import isolate_poison
+from spr.routing import partition_key
 
 __all__ = [
     "STAGING_TABLE",
     "BatchLike",
+    "DeadLetterRows",
     "FlushResult",
     "PostgresSink",
+    "RejectedRow",
     "is_transient",
     "redact_dsn",
 ]
@@ -60,6 +65,8 @@ class BatchLike(Protocol):
 
     def copy_data(self) -> bytes: ...
 
+    def rows(self) -> list[tuple[Any, ...]]: ...
+
 
 @dataclass(frozen=True, kw_only=True)
 class FlushResult:
@@ -67,6 +74,8 @@ class FlushResult:
 
     ``rows`` were staged; ``applied`` of them inserted or replaced a row; ``stale`` were
     refused by the sequence guard (an equal or newer sequence was already stored).
+    ``rejected`` were refused by the database for their content (class DATA) and
+    dead-lettered before the commit; ``rows == applied + stale + rejected``.
     ``offsets`` is the batch's ``(topic, partition) -> next offset``, now durable.
     """
 
@@ -74,26 +83,46 @@ class FlushResult:
     applied: int
     stale: int
     offsets: Mapping[tuple[str, int], int]
+    rejected: int = 0
 
 
-# SQLSTATE classes and codes that a retry can cure (design §6). Issue 6 moves this table
-# into spr.retry; the sink only needs it to decide whether to reconnect.
-_TRANSIENT_CLASSES = ("08", "53")
-_TRANSIENT_CODES = {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03"}
+@dataclass(frozen=True, kw_only=True)
+class RejectedRow:
+    """A staged row that PostgreSQL refused on its own (class DATA).
+
+    ``topic``/``partition``/``offset`` name the Kafka message the row came from (the
+    newest event of its entity in the batch); ``error`` is the database's error.
+    ``key`` (the entity's partition key) and ``value`` (the event's original JSON) let a
+    dead letter be rebuilt when that message can no longer be read back.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    error: BaseException
+    key: bytes | None = None
+    value: bytes | None = None
+
+
+#: ``dead_letter(rows)`` of :meth:`PostgresSink.flush`: called inside the flush's
+#: transaction, before the offsets move past the rows; it must block until every row is
+#: durably dead-lettered, or raise (the whole transaction then rolls back).
+DeadLetterRows = Callable[[Sequence[RejectedRow]], None]
+
+_ENTITY_TYPE_INDEX = STATE_COLUMNS.index("entity_type")
+_ENTITY_ID_INDEX = STATE_COLUMNS.index("entity_id")
+_PAYLOAD_INDEX = STATE_COLUMNS.index("payload")
+_TOPIC_INDEX = STATE_COLUMNS.index("kafka_topic")
+_PARTITION_INDEX = STATE_COLUMNS.index("kafka_partition")
+_OFFSET_INDEX = STATE_COLUMNS.index("kafka_offset")
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True when a database error is worth retrying (connection loss, serialization
-    failure, deadlock, lock or statement timeout, shutdown, resource exhaustion)."""
-    if isinstance(exc, ServerUnavailable):
-        return True
-    if not isinstance(exc, psycopg.Error):
-        return False
-    code = exc.sqlstate
-    if code is None:
-        # No SQLSTATE: the connection itself failed (refused, reset, closed).
-        return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
-    return code[:2] in _TRANSIENT_CLASSES or code in _TRANSIENT_CODES
+    """True when a retry can cure ``exc``: :func:`spr.classify.classify` says TRANSIENT
+    (connection loss, serialization failure, deadlock, lock or statement timeout,
+    shutdown, resource exhaustion). Kept for callers of the sink; the table lives in
+    :mod:`spr.classify`."""
+    return classify(exc) is ErrorClass.TRANSIENT
 
 
 _PASSWORD_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
@@ -117,7 +146,7 @@ class PostgresSink:
     One sink owns one connection and is not thread-safe, except :meth:`cancel`, which
     any thread may call to abort the statement in progress. Methods block on the
     database. Connection failures raise :class:`ServerUnavailable`; other database
-    errors propagate as :class:`psycopg.Error` (see :func:`is_transient`). After an
+    errors propagate as :class:`psycopg.Error` (see :func:`spr.classify.classify`). After an
     error the sink reconnects on its next call.
     """
 
@@ -130,8 +159,11 @@ class PostgresSink:
         statement_timeout_ms: int = 30_000,
         connect_timeout_s: float = 5.0,
         application_name: str = "spr",
+        dead_letter: DeadLetterRows | None = None,
     ) -> None:
         self.dsn = dsn
+        #: Receives the rows the database rejects (see :meth:`flush`); settable.
+        self.dead_letter = dead_letter
         self.group_id = group_id
         self.mapping = mapping
         self.statement_timeout_ms = statement_timeout_ms
@@ -141,6 +173,7 @@ class PostgresSink:
         self._conn_lock = threading.Lock()
         self._table = _qualified(mapping.schema, mapping.table)
         self._offsets = _qualified(mapping.schema, mapping.offsets_table)
+        self._gaps = _qualified(mapping.schema, mapping.gaps_table)
         self._merge_sql = self._build_merge()
         self._offsets_sql = self._build_offsets_upsert()
 
@@ -274,6 +307,7 @@ class PostgresSink:
                     "PRIMARY KEY (group_id, topic, partition))"
                 ).format(self._offsets)
             )
+            self._create_gaps_table(conn)
 
     def _create_state_table(self) -> sql.Composed:
         mapping = self.mapping
@@ -412,6 +446,13 @@ class PostgresSink:
         transaction is rolled back and the error propagates (connection loss as
         :class:`ServerUnavailable` or :class:`psycopg.OperationalError`); nothing is
         half-written. Calling it again with the same batch is always safe.
+
+        When the database rejects the batch for a row's content (class DATA) and
+        :attr:`dead_letter` is set, the batch is applied again in a new transaction,
+        bisected in savepoints (:func:`spr.isolate.isolate_poison`): every row that
+        passes is applied, the rows that fail alone go to ``dead_letter`` before the
+        offsets upsert and the commit, so the offsets never pass a row that was neither
+        applied nor dead-lettered. Without a ``dead_letter`` the DATA error propagates.
         """
         if tuple(batch.columns) != STATE_COLUMNS:
             raise ConfigError("the sink stages every column: build the Batch with STATE_COLUMNS")
@@ -433,25 +474,160 @@ class PostgresSink:
                         copy_format,
                     )
                     with cur.copy(copy_sql) as copy:
-                        copy.write(batch.copy_data())
+                        # Streamed in ~1 MB pieces: a 40k-row batch is ~12 MB of COPY
+                        # data, which need not exist in memory all at once.
+                        chunks = getattr(batch, "copy_chunks", None)
+                        for chunk in chunks() if chunks else (batch.copy_data(),):
+                            copy.write(chunk)
                     cur.execute(self._merge_sql)
                     applied = max(cur.rowcount, 0)
-                if offsets:
-                    keys = sorted(offsets)
-                    cur.execute(
-                        self._offsets_sql,
-                        (
-                            self.group_id,
-                            [t for t, _ in keys],
-                            [p for _, p in keys],
-                            [offsets[k] for k in keys],
-                        ),
+                self._upsert_offsets(cur, offsets)
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                self._drop_connection()
+            dead_letter = self.dead_letter
+            if dead_letter is None or not rows or classify(exc) is not ErrorClass.DATA:
+                raise
+            log.warning("a row of the batch was rejected (%s); isolating it", _first_line(exc))
+            return self._flush_isolating(batch, offsets, dead_letter)
+        return FlushResult(rows=rows, applied=applied, stale=rows - applied, offsets=offsets)
+
+    def _flush_isolating(
+        self,
+        batch: BatchLike,
+        offsets: dict[tuple[str, int], int],
+        dead_letter: DeadLetterRows,
+    ) -> FlushResult:
+        # The rare path: rows as Python values, COPY in text format one chunk per
+        # savepoint. Each chunk leaves the staging table empty (TRUNCATE inside the same
+        # savepoint), so a chunk that fails leaves nothing behind.
+        rows: list[tuple[Any, ...]] = batch.rows()
+        copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(STAGING_TABLE),
+            sql.SQL(", ").join(sql.Identifier(c) for c in STATE_COLUMNS),
+        )
+        truncate = sql.SQL("TRUNCATE {}").format(sql.Identifier(STAGING_TABLE))
+        conn = self.connect()
+        applied = 0
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+
+                def apply(chunk: Sequence[tuple[Any, ...]]) -> None:
+                    nonlocal applied
+                    with conn.transaction():
+                        with cur.copy(copy_sql) as copy:
+                            for row in chunk:
+                                copy.write_row(row)
+                        cur.execute(self._merge_sql)
+                        merged = max(cur.rowcount, 0)
+                        cur.execute(truncate)
+                    applied += merged
+
+                isolation = isolate_poison(rows, apply)
+                rejected = [
+                    RejectedRow(
+                        topic=str(row[_TOPIC_INDEX]),
+                        partition=int(row[_PARTITION_INDEX]),
+                        offset=int(row[_OFFSET_INDEX]),
+                        error=error,
+                        key=partition_key(
+                            f"{row[_ENTITY_TYPE_INDEX]}:{row[_ENTITY_ID_INDEX]}"
+                        ).encode(),
+                        value=_as_bytes(row[_PAYLOAD_INDEX]),
                     )
+                    for row, error in isolation.rejected
+                ]
+                if rejected:
+                    dead_letter(rejected)
+                self._upsert_offsets(cur, offsets)
         except psycopg.Error:
             if conn.broken or conn.closed:
                 self._drop_connection()
             raise
-        return FlushResult(rows=rows, applied=applied, stale=rows - applied, offsets=offsets)
+        return FlushResult(
+            rows=len(rows),
+            applied=applied,
+            stale=len(rows) - applied - len(rejected),
+            offsets=offsets,
+            rejected=len(rejected),
+        )
+
+    def _upsert_offsets(
+        self,
+        cur: psycopg.Cursor[Any],
+        offsets: Mapping[tuple[str, int], int],
+        *,
+        group: str | None = None,
+    ) -> None:
+        if not offsets:
+            return
+        keys = sorted(offsets)
+        cur.execute(
+            self._offsets_sql,
+            (
+                group if group is not None else self.group_id,
+                [t for t, _ in keys],
+                [p for _, p in keys],
+                [offsets[k] for k in keys],
+            ),
+        )
+
+    # -- retention gaps -----------------------------------------------------------------
+
+    def _create_gaps_table(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                "group_id text NOT NULL, topic text NOT NULL, partition integer NOT NULL, "
+                "stored_offset bigint NOT NULL, log_start bigint NOT NULL, "
+                "gap_events bigint NOT NULL, resumed_at text NOT NULL, "
+                "resume_offset bigint NOT NULL, recorded_at timestamptz NOT NULL DEFAULT now())"
+            ).format(self._gaps)
+        )
+
+    def record_offset_gap(
+        self,
+        group: str,
+        topic: str,
+        partition: int,
+        *,
+        stored_offset: int,
+        log_start: int,
+        resumed_at: str,
+        resume_offset: int,
+    ) -> None:
+        """Record that ``group`` skipped a retention gap on ``topic[partition]``: events
+        ``stored_offset .. log_start - 1`` were deleted before being applied, and the
+        partition resumes at ``resume_offset`` (chosen by ``resumed_at``: ``earliest``
+        or ``latest``). In one transaction: a row in :attr:`TableMapping.gaps_table`
+        (created when missing) and the group's stored offset moved up to
+        ``resume_offset`` (never backwards). Blocks; raises on database errors."""
+        conn = self.connect()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                self._create_gaps_table(conn)
+                cur.execute(
+                    sql.SQL(
+                        "INSERT INTO {} (group_id, topic, partition, stored_offset, log_start, "
+                        "gap_events, resumed_at, resume_offset) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                    ).format(self._gaps),
+                    (
+                        group,
+                        topic,
+                        partition,
+                        stored_offset,
+                        log_start,
+                        log_start - stored_offset,
+                        resumed_at,
+                        resume_offset,
+                    ),
+                )
+                self._upsert_offsets(cur, {(topic, partition): resume_offset}, group=group)
+        except psycopg.Error:
+            if conn.broken or conn.closed:
+                self._drop_connection()
+            raise
 
     # -- offsets ----------------------------------------------------------------------
 
@@ -473,6 +649,12 @@ class PostgresSink:
                 self._drop_connection()
             raise
         return {(str(t), int(p)): int(n) for t, p, n in rows}
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8", "surrogatepass")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,142 @@
+"""Retention gaps on the real broker (design §4): the broker deletes events the group has
+not applied yet, and spr never skips them silently.
+
+The topic rolls a segment every 200 ms; shortening ``retention.ms`` then makes the
+broker (which checks retention every 5 s) delete the expired segments, so the log start
+passes the group's stored offset; newer events are produced after retention is restored. By default ``spr run`` stops and names the partition
+and the gap; ``--on-offset-gap earliest|latest`` proceeds, logs the gap, counts it and
+records it (a row in ``spr_offsets_gaps``, the stored offset moved past the gap).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    OffsetSpec,
+)
+from helpers import end_offsets, produce_raw, spr_run_argv, start, state_rows, stored_offsets
+
+from spr.config import TableMapping
+from spr.sink.postgres import PostgresSink
+
+Names = Callable[[str], str]
+
+
+def set_retention(admin: AdminClient, topic: str, retention_ms: str) -> None:
+    resource = ConfigResource(
+        "topic",
+        topic,
+        incremental_configs=[
+            ConfigEntry("retention.ms", retention_ms, incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+
+
+def log_start(admin: AdminClient, topic: str) -> int:
+    futures = admin.list_offsets({TopicPartition(topic, 0): OffsetSpec.earliest()})
+    return int(next(iter(futures.values())).result(10).offset)
+
+
+def events(prefix: str, count: int) -> list[dict[str, Any]]:
+    return [
+        {"entity_type": "order", "entity_id": f"{prefix}-{i}", "sequence": 1, "state": "new"}
+        for i in range(count)
+    ]
+
+
+def run(argv: list[str], log: Path) -> int:
+    proc = start(argv, log)
+    try:
+        return proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_retention_gap_stops_by_default_and_is_recorded_when_skipped(
+    bootstrap: str, dsn: str, admin: AdminClient, make_topic: Callable[..., str],
+    unique_name: Names, pg: psycopg.Connection[Any], tmp_path: Path,
+) -> None:  # fmt: skip
+    topic = make_topic(partitions=1, config={"segment.ms": "200"})
+    table, table_latest = unique_name("state"), unique_name("state")
+    group, group_latest = unique_name("g"), unique_name("g")
+    for name in (table, table_latest):
+        with PostgresSink(dsn, mapping=TableMapping(table=name)) as sink:
+            sink.init_schema()
+    # Both groups applied nothing yet but know the partition: stored offset 0.
+    for g in (group, group_latest):
+        pg.execute("INSERT INTO spr_offsets (group_id, topic, partition, next_offset) "
+                   "VALUES (%s, %s, 0, 0)", (g, topic))  # fmt: skip
+
+    produce_raw(bootstrap, topic, events("old", 40))
+    set_retention(admin, topic, "1000")
+    deadline = time.monotonic() + 30
+    while log_start(admin, topic) == 0:  # the broker checks retention every 5 s
+        assert time.monotonic() < deadline, "retention never deleted the old segment"
+        time.sleep(0.2)
+    set_retention(admin, topic, "-1")  # keep what comes next
+    produce_raw(bootstrap, topic, events("new", 10))
+    low = log_start(admin, topic)
+    end = end_offsets(bootstrap, topic)[(topic, 0)]
+    assert 0 < low < end
+
+    # Default: stop, naming the partition and the size of the gap; nothing moves.
+    log = tmp_path / "fail.log"
+    argv = spr_run_argv(topics=[topic], group=group, dsn=dsn, bootstrap=bootstrap, table=table,
+                        extra=["--idle-exit", "2"])  # fmt: skip
+    assert run(argv, log) == 2, log.read_text()[-2000:]
+    last = log.read_text().strip().splitlines()[-1]
+    assert f"{topic}[0]" in last and f"{low} event(s) were deleted by retention" in last, last
+    assert stored_offsets(dsn, group, [topic]) == {(topic, 0): 0}
+    assert state_rows(dsn, table) == {}
+
+    # earliest: skip the deleted events, apply the rest, log, count and record the gap.
+    log, stats = tmp_path / "earliest.log", tmp_path / "earliest.json"
+    argv = spr_run_argv(topics=[topic], group=group, dsn=dsn, bootstrap=bootstrap, table=table,
+                        extra=["--idle-exit", "2", "--on-offset-gap", "earliest", "--log-json",
+                               "--stats", str(stats)])  # fmt: skip
+    assert run(argv, log) == 0, log.read_text()[-2000:]
+    assert low <= 40  # the segment holding the new events is the active one
+    assert set(state_rows(dsn, table)) == {f"order:new-{i}" for i in range(10)} | {
+        f"order:old-{i}" for i in range(low, 40)
+    }
+    assert stored_offsets(dsn, group, [topic]) == {(topic, 0): end}
+    counted = json.loads(stats.read_text())
+    assert counted["offset_gaps"] == 1 and counted["offset_gap_events"] == low
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    gap_lines = [x for x in lines if x.get("event") == "offset_gap"]
+    assert len(gap_lines) == 1 and gap_lines[0]["gap_events"] == low
+    assert gap_lines[0]["partition"] == 0 and gap_lines[0]["topic"] == topic
+
+    # latest: skip everything up to the end; nothing applied, recorded as such.
+    log = tmp_path / "latest.log"
+    argv = spr_run_argv(topics=[topic], group=group_latest, dsn=dsn, bootstrap=bootstrap,
+                        table=table_latest,
+                        extra=["--idle-exit", "2", "--on-offset-gap", "latest"])  # fmt: skip
+    assert run(argv, log) == 0, log.read_text()[-2000:]
+    assert state_rows(dsn, table_latest) == {}
+    assert stored_offsets(dsn, group_latest, [topic]) == {(topic, 0): end}
+
+    recorded = pg.execute(
+        "SELECT group_id, stored_offset, log_start, gap_events, resumed_at, resume_offset "
+        "FROM spr_offsets_gaps WHERE topic = %s AND partition = 0 ORDER BY recorded_at",
+        (topic,),
+    ).fetchall()
+    assert recorded == [
+        (group, 0, low, low, "earliest", low),
+        (group_latest, 0, low, low, "latest", end),
+    ]
