@@ -36,6 +36,10 @@ Definitions the alert rules rely on (deploy/prometheus/spr-alerts.yml):
   oldest unconsumed message (0 without lag), and ``spr_topic_retention_seconds{topic}`` the
   topic's ``retention.ms`` / 1000, so ``lag_seconds / retention_seconds`` is the share of
   the retention window used up before data is lost.
+- ``spr_offset_gaps_total`` counts retention gaps the engine skipped (``on_offset_gap``
+  ``earliest`` or ``latest``: the stored offset was below the log start) and
+  ``spr_offset_gap_events_total`` the events lost in them (log start minus stored
+  offset). Both stay 0 with the default ``on_offset_gap = fail``, which stops instead.
 
 OpenTelemetry export is not implemented: the OpenTelemetry SDK is not a dependency. A
 collector can scrape ``/metrics`` with its Prometheus receiver instead.
@@ -73,6 +77,8 @@ __all__ = [
     "IDEMPOTENCY_LOOKUPS_TOTAL",
     "LATENCY_BUCKETS",
     "METRIC_NAMES",
+    "OFFSET_GAPS_TOTAL",
+    "OFFSET_GAP_EVENTS_TOTAL",
     "OUTCOMES",
     "PARTITION_DISTRIBUTION_VARIANCE",
     "PAUSED_PARTITIONS",
@@ -108,6 +114,9 @@ CIRCUIT_STATE = "spr_circuit_state"
 # Not in design §7: the "lag over 80 % of the retention window" alert needs both.
 CONSUMER_LAG_SECONDS = "spr_consumer_lag_seconds"
 TOPIC_RETENTION_SECONDS = "spr_topic_retention_seconds"
+# Not in design §7 either: retention gaps skipped by on_offset_gap = earliest|latest.
+OFFSET_GAPS_TOTAL = "spr_offset_gaps_total"
+OFFSET_GAP_EVENTS_TOTAL = "spr_offset_gap_events_total"
 
 DESIGN_METRIC_NAMES: tuple[str, ...] = (
     CONSUMER_LAG,
@@ -123,7 +132,12 @@ DESIGN_METRIC_NAMES: tuple[str, ...] = (
     REBALANCES_TOTAL,
     CIRCUIT_STATE,
 )
-EXTRA_METRIC_NAMES: tuple[str, ...] = (CONSUMER_LAG_SECONDS, TOPIC_RETENTION_SECONDS)
+EXTRA_METRIC_NAMES: tuple[str, ...] = (
+    CONSUMER_LAG_SECONDS,
+    TOPIC_RETENTION_SECONDS,
+    OFFSET_GAPS_TOTAL,
+    OFFSET_GAP_EVENTS_TOTAL,
+)
 METRIC_NAMES: tuple[str, ...] = DESIGN_METRIC_NAMES + EXTRA_METRIC_NAMES
 
 OUTCOMES: tuple[str, ...] = ("applied", "stale", "duplicate", "dead_lettered")
@@ -209,8 +223,9 @@ class LocalStats:
 
     - *deltas*, zeroed by every publish: the outcome counters (``applied``, ``stale``,
       ``duplicate``, ``dead_lettered``), ``idempotency_lookups`` / ``idempotency_hits``,
-      ``producer_records`` / ``producer_errors``, ``rebalances``, the ``latency`` and
-      ``flush`` bucket counts, and ``partition_events`` (events per ``(topic, partition)``);
+      ``producer_records`` / ``producer_errors``, ``rebalances``, ``offset_gaps`` /
+      ``offset_gap_events``, the ``latency`` and ``flush`` bucket counts, and
+      ``partition_events`` (events per ``(topic, partition)``);
     - *current state*, kept across publishes: ``lag`` and ``lag_seconds`` per
       ``(topic, partition)``, ``retention_seconds`` per topic, ``paused_partitions`` and
       ``circuit_state``.
@@ -230,6 +245,8 @@ class LocalStats:
         "lag",
         "lag_seconds",
         "latency",
+        "offset_gap_events",
+        "offset_gaps",
         "partition_events",
         "paused_partitions",
         "producer_errors",
@@ -254,6 +271,8 @@ class LocalStats:
         self.producer_records = 0
         self.producer_errors = 0
         self.rebalances = 0
+        self.offset_gaps = 0
+        self.offset_gap_events = 0
         self.latency = BucketCounts(latency_buckets)
         self.flush = BucketCounts(flush_buckets)
         self.partition_events: dict[tuple[str, int], int] = {}
@@ -306,7 +325,7 @@ class LocalStats:
         self.applied = self.stale = self.duplicate = self.dead_lettered = 0
         self.idempotency_lookups = self.idempotency_hits = 0
         self.producer_records = self.producer_errors = 0
-        self.rebalances = 0
+        self.rebalances = self.offset_gaps = self.offset_gap_events = 0
         self.latency.clear()
         self.flush.clear()
         self.partition_events.clear()
@@ -323,7 +342,8 @@ def fold_engine_counters(
     sequence of the same entity, which is what applying it in order gives);
     ``stale``; ``duplicate``; ``dead_lettered`` = invalid + rejected (rows the database
     refused, dead-lettered); ring lookups = consumed -
-    invalid (every decodable event is looked up) and hits = duplicate; ``rebalances``.
+    invalid (every decodable event is looked up) and hits = duplicate; ``rebalances``;
+    ``offset_gaps`` and ``offset_gap_events`` (retention gaps skipped, events lost in them).
     ``paused_partitions`` is copied as a current value.
     """
 
@@ -337,6 +357,8 @@ def fold_engine_counters(
     stats.idempotency_lookups += delta("consumed") - delta("invalid")
     stats.idempotency_hits += delta("duplicate")
     stats.rebalances += delta("rebalances")
+    stats.offset_gaps += delta("offset_gaps")
+    stats.offset_gap_events += delta("offset_gap_events")
     stats.paused_partitions = int(current.get("paused_partitions", 0))
 
 
@@ -484,6 +506,17 @@ class SprMetrics:
         self.rebalances = Counter(
             REBALANCES_TOTAL, "Rebalance callbacks (assign, revoke, lost).", registry=r
         )
+        self.offset_gaps = Counter(
+            OFFSET_GAPS_TOTAL,
+            "Retention gaps skipped (on_offset_gap earliest or latest): the stored offset "
+            "was below the log start.",
+            registry=r,
+        )
+        self.offset_gap_events = Counter(
+            OFFSET_GAP_EVENTS_TOTAL,
+            "Events deleted by retention before being applied, skipped with the gaps.",
+            registry=r,
+        )
         self.circuit_state = Gauge(
             CIRCUIT_STATE, "Circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r
         )
@@ -550,6 +583,8 @@ class MetricsPublisher:
             (m.producer_records, stats.producer_records),
             (m.producer_errors, stats.producer_errors),
             (m.rebalances, stats.rebalances),
+            (m.offset_gaps, stats.offset_gaps),
+            (m.offset_gap_events, stats.offset_gap_events),
         ):
             if delta:
                 counter.inc(delta)

@@ -5,7 +5,8 @@ The topic rolls a segment every 200 ms; shortening ``retention.ms`` then makes t
 broker (which checks retention every 5 s) delete the expired segments, so the log start
 passes the group's stored offset; newer events are produced after retention is restored. By default ``spr run`` stops and names the partition
 and the gap; ``--on-offset-gap earliest|latest`` proceeds, logs the gap, counts it and
-records it (a row in ``spr_offsets_gaps``, the stored offset moved past the gap).
+records it (a row in ``spr_offsets_gaps``, the stored offset moved past the gap) and
+exports it: ``spr_offset_gaps_total`` and ``spr_offset_gap_events_total`` on /metrics.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from confluent_kafka.admin import (
     ConfigResource,
     OffsetSpec,
 )
-from helpers import end_offsets, produce_raw, spr_run_argv, start, state_rows, stored_offsets
+from helpers import (
+    end_offsets,
+    produce_raw,
+    spr_run_argv,
+    start,
+    state_rows,
+    stored_offsets,
+    wait_for,
+)
+from test_metrics_scrape import free_port, scrape
 
 from spr.config import TableMapping
 from spr.sink.postgres import PostgresSink
@@ -104,12 +114,34 @@ def test_retention_gap_stops_by_default_and_is_recorded_when_skipped(
     assert stored_offsets(dsn, group, [topic]) == {(topic, 0): 0}
     assert state_rows(dsn, table) == {}
 
-    # earliest: skip the deleted events, apply the rest, log, count and record the gap.
+    # earliest: skip the deleted events, apply the rest, log, count, export and record
+    # the gap. /metrics is scraped from the running process, before its idle exit.
     log, stats = tmp_path / "earliest.log", tmp_path / "earliest.json"
+    port = free_port()
     argv = spr_run_argv(topics=[topic], group=group, dsn=dsn, bootstrap=bootstrap, table=table,
-                        extra=["--idle-exit", "2", "--on-offset-gap", "earliest", "--log-json",
-                               "--stats", str(stats)])  # fmt: skip
-    assert run(argv, log) == 0, log.read_text()[-2000:]
+                        extra=["--idle-exit", "3", "--on-offset-gap", "earliest", "--log-json",
+                               "--stats", str(stats), "--metrics-port", str(port)])  # fmt: skip
+    proc = start(argv, log)
+    try:
+        seen: dict[str, float] = {}
+
+        def gap_exported() -> bool:
+            nonlocal seen
+            try:
+                seen = scrape(port)
+            except OSError:
+                return False
+            return seen.get("spr_offset_gaps_total", 0) > 0
+
+        wait_for(gap_exported, 60, "the skipped gap on /metrics")
+        assert proc.poll() is None  # scraped from the running process
+        assert proc.wait(60) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert seen["spr_offset_gaps_total"] == 1
+    assert seen["spr_offset_gap_events_total"] == low
     assert low <= 40  # the segment holding the new events is the active one
     assert set(state_rows(dsn, table)) == {f"order:new-{i}" for i in range(10)} | {
         f"order:old-{i}" for i in range(low, 40)

@@ -29,6 +29,7 @@ ALERTS = (
     "SprPartitionSkewHigh",
     "SprDedupHitRateBelowTarget",
     "SprLagNearRetention",
+    "SprOffsetGapSkipped",
 )
 
 
@@ -84,6 +85,11 @@ def _copy_tree(tmp_path: Path, rules: str, tests: str) -> Path:
         # The retention alert without its 80 % threshold fires for partition 1 too.
         ("rules", "max by (topic) (spr_topic_retention_seconds)\n            > 0.8",
          "max by (topic) (spr_topic_retention_seconds)\n            > 0.5"),
+        # Skipped events must page even when few: a threshold above the 40 lost misses "a".
+        ("rules", "increase(spr_offset_gap_events_total[15m]) > 0",
+         "increase(spr_offset_gap_events_total[15m]) > 100"),
+        # Without the new-series branch, a gap counted before the first scrape ("b") is missed.
+        ("rules", "\n            or (spr_offset_gap_events_total > 0 unless spr_offset_gap_events_total offset 15m)", ""),
     ],
 )  # fmt: skip
 def test_the_unit_tests_can_fail(tmp_path: Path, file: str, old: str, new: str) -> None:

@@ -6,6 +6,7 @@ import math
 import re
 import urllib.error
 import urllib.request
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from spr import metrics as m
+from spr.engine import EngineStats
 from spr.errors import ConfigError
 
 # Design §7, copied by hand: a rename in metrics.py must fail here.
@@ -58,7 +60,14 @@ def _value(text: str, sample: str) -> float:
 
 def test_declared_names_are_exactly_design_section_7() -> None:
     assert m.DESIGN_METRIC_NAMES == DESIGN_7
-    assert (*DESIGN_7, "spr_consumer_lag_seconds", "spr_topic_retention_seconds") == m.METRIC_NAMES
+    extra = (
+        "spr_consumer_lag_seconds",
+        "spr_topic_retention_seconds",
+        "spr_offset_gaps_total",
+        "spr_offset_gap_events_total",
+    )
+    assert extra == m.EXTRA_METRIC_NAMES
+    assert (*DESIGN_7, *extra) == m.METRIC_NAMES
     assert len(set(m.METRIC_NAMES)) == len(m.METRIC_NAMES)
 
 
@@ -103,12 +112,15 @@ def test_publish_folds_deltas_and_zeroes_them() -> None:
         stats.producer_records += 100
         stats.producer_errors += 1
         stats.rebalances += 1
+        stats.offset_gaps += 1
+        stats.offset_gap_events += 7
         stats.observe_flush(0.02)
         stats.observe_latency(0.004, weight=5)
         stats.paused_partitions = round_
         stats.circuit_state = m.CIRCUIT_OPEN if round_ == 2 else m.CIRCUIT_CLOSED
         publisher.publish(stats)
         assert stats.applied == stats.idempotency_hits == stats.rebalances == 0
+        assert stats.offset_gaps == stats.offset_gap_events == 0
         assert stats.latency.count == stats.flush.count == 0
     text = _exposed(metrics)
     assert _value(text, 'spr_events_total{outcome="applied"}') == 20
@@ -120,6 +132,8 @@ def test_publish_folds_deltas_and_zeroes_them() -> None:
     assert _value(text, "spr_producer_records_total") == 200
     assert _value(text, "spr_producer_errors_total") == 2
     assert _value(text, "spr_rebalances_total") == 2
+    assert _value(text, "spr_offset_gaps_total") == 2
+    assert _value(text, "spr_offset_gap_events_total") == 14
     assert _value(text, "spr_paused_partitions") == 2
     assert _value(text, "spr_circuit_state") == 2
     assert _value(text, "spr_flush_seconds_count") == 2
@@ -151,6 +165,44 @@ def test_engine_counter_snapshots_fold_into_outcomes() -> None:
     assert _value(text, "spr_idempotency_hits_total") == 12
     assert _value(text, "spr_rebalances_total") == 1
     assert _value(text, "spr_paused_partitions") == 0
+    assert _value(text, "spr_offset_gaps_total") == 0
+    assert _value(text, "spr_offset_gap_events_total") == 0
+
+
+def test_skipped_retention_gaps_fold_from_engine_stats() -> None:
+    """EngineStats' offset_gaps / offset_gap_events reach the two counters as deltas:
+    each gap counted once however often the snapshots are folded, the events summed."""
+    metrics = m.SprMetrics()
+    publisher = m.MetricsPublisher(metrics)
+    stats = m.LocalStats()
+    text = _exposed(metrics)
+    assert _value(text, "spr_offset_gaps_total") == 0  # exposed before any gap
+    assert _value(text, "spr_offset_gap_events_total") == 0
+    # Two partitions assigned with gaps of 40 and 25 events, then a later one of 3.
+    snapshots: list[dict[str, float]] = [
+        {},
+        {"consumed": 10, "offset_gaps": 2, "offset_gap_events": 65},
+        {"consumed": 20, "offset_gaps": 2, "offset_gap_events": 65},  # nothing new
+        {"consumed": 30, "offset_gaps": 3, "offset_gap_events": 68},
+    ]
+    expected = [(2, 65), (2, 65), (3, 68)]
+    for (previous, current), (gaps, lost) in zip(pairwise(snapshots), expected, strict=True):
+        m.fold_engine_counters(stats, previous, current)
+        publisher.publish(stats)
+        assert stats.offset_gaps == stats.offset_gap_events == 0
+        text = _exposed(metrics)
+        assert _value(text, "spr_offset_gaps_total") == gaps
+        assert _value(text, "spr_offset_gap_events_total") == lost
+    assert _types(text)["spr_offset_gap_events_total"] == "counter"
+    assert "# HELP spr_offset_gap_events_total Events deleted by retention" in text
+
+
+def test_engine_stats_names_the_gap_counters_the_fold_reads() -> None:
+    """A rename in EngineStats would silently fold zeros: the keys must exist there."""
+    snapshot = EngineStats(offset_gaps=1, offset_gap_events=40).as_dict()
+    stats = m.LocalStats()
+    m.fold_engine_counters(stats, {}, snapshot)
+    assert (stats.offset_gaps, stats.offset_gap_events) == (1, 40)
 
 
 def test_latency_buckets_are_inclusive_like_prometheus() -> None:
