@@ -40,7 +40,7 @@ from helpers import (
 )
 from psycopg import sql
 
-from spr.devstack import DevStack
+from spr.devstack import PG_PORT, DevStack
 from spr.dlq import DeadLetter, read_dead_letters
 from spr.loadgen import LoadSpec
 from spr.testing.poison import CORPUS, evaluate, key_of, valid_event
@@ -196,7 +196,7 @@ def stop_postgres(stack: DevStack) -> None:
 
 
 def start_postgres(stack: DevStack) -> None:
-    if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "55432"],
+    if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", str(PG_PORT)],
                       capture_output=True).returncode == 0:  # fmt: skip
         return
     stack._pg("pg_ctl", "-D", str(stack.paths.pg_data), "-l", str(stack.paths.pg_log),
