@@ -100,6 +100,9 @@ DLQ_PRODUCER_DEFAULTS: Mapping[str, Any] = {
     "message.timeout.ms": 60_000,
 }
 
+# Settings an AdminClient shares with the producer (where and how to connect).
+_CONNECTION_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "client.", "broker.")
+
 _kafka_log = logging.getLogger("spr.kafka")
 _kafka_log.addHandler(logging.NullHandler())
 _log = logging.getLogger("spr.dlq")
@@ -242,17 +245,24 @@ class DeadLetterWriter:
         self._partitions[name] = count
         return name, count
 
+    def admin_config(self) -> dict[str, Any]:
+        """The AdminClient settings: the producer's connection settings (where and how to
+        connect: bootstrap, security, SASL, SSL, socket, client id), none of its
+        producer-only ones."""
+        conf = {k: v for k, v in self.config.items() if k.startswith(_CONNECTION_PREFIXES)}
+        conf["logger"] = _kafka_log
+        return conf
+
     def _create(self, name: str, partitions: int) -> int:
-        admin_config: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "logger": _kafka_log}
-        admin = AdminClient(admin_config)
         topic = NewTopic(
             name,
             num_partitions=partitions,
             replication_factor=self.replication_factor,
             config=self.topic_config,
         )
-        future = admin.create_topics([topic], operation_timeout=self.metadata_timeout)[name]
         try:
+            admin = AdminClient(self.admin_config())
+            future = admin.create_topics([topic], operation_timeout=self.metadata_timeout)[name]
             future.result(timeout=self.metadata_timeout + 5)
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
@@ -264,6 +274,11 @@ class DeadLetterWriter:
                     f"cannot create dead-letter topic '{name}' on {self.bootstrap} "
                     f"({_error_text(error if isinstance(error, KafkaError) else None)})"
                 ) from None
+        except Exception as exc:  # e.g. the future's TimeoutError
+            raise DeadLetterUnavailable(
+                f"cannot create dead-letter topic '{name}' on {self.bootstrap} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
         deadline = time.monotonic() + self.metadata_timeout
         while True:
             count = self._partition_count(name)
@@ -397,11 +412,26 @@ class InvalidEventSink:
 
     def send(self, message: Any, reason: str, *, error_class: str = "invalid") -> None:
         """Queue a dead letter of class ``error_class`` (INVALID by default; the engine
-        passes ``"data"`` for rows PostgreSQL rejected). Raises DeadLetterUnavailable."""
-        self.writer.send(message, ErrorClass(error_class), reason, 1)
+        passes ``"data"`` for rows PostgreSQL rejected). Raises DeadLetterUnavailable,
+        also for any unexpected error of the writer."""
+        try:
+            self.writer.send(message, ErrorClass(error_class), reason, 1)
+        except DeadLetterUnavailable:
+            raise
+        except Exception as exc:
+            raise DeadLetterUnavailable(
+                f"a dead letter could not be queued ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def flush(self) -> None:
-        self.writer.flush(self.flush_timeout)
+        try:
+            self.writer.flush(self.flush_timeout)
+        except DeadLetterUnavailable:
+            raise
+        except Exception as exc:
+            raise DeadLetterUnavailable(
+                f"dead letters could not be flushed ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 # ---------------------------------------------------------------------------- reading

@@ -68,6 +68,10 @@ OFFSET_END = -1
 _ERR_PARTITION_EOF = -191
 _ERR_UNKNOWN_TOPIC = -188
 _ERR_UNKNOWN_TOPIC_OR_PART = 3
+_ERR_OFFSET_OUT_OF_RANGE = 1
+_ERR_AUTO_OFFSET_RESET = -140  # confluent_kafka.KafkaError._AUTO_OFFSET_RESET
+# A flush still running this long past statement_timeout is stuck (a dead connection).
+_FLUSH_WATCHDOG_MARGIN_S = 30.0
 # Consumer settings an AdminClient shares (where and how to connect).
 _ADMIN_KEY_PREFIXES = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "client.", "broker.")
 
@@ -94,7 +98,10 @@ class DeadLetterSink(Protocol):
     until every sent dead letter is durable, or raise (the engine then stops without
     committing the batch). Rows the database rejects (class DATA) are sent from the
     flush thread as ``send(record, reason, error_class="data")`` followed by ``flush()``
-    inside the flush's transaction; the engine serialises all calls with a lock.
+    inside the flush's transaction; the engine serialises all calls with a lock. A
+    record Kafka itself could not read (bad CRC, compression) is sent as a
+    :class:`spr.dlq.SourceRecord` holding only its position, with the client's error as
+    ``reason``.
     """
 
     def send(self, message: Any, reason: str, *, error_class: str = "invalid") -> None: ...
@@ -254,6 +261,7 @@ class _FlushJob:
     retry: RetryAttempt | None = None
     timestamps: array[int] | None = None
     weights: array[int] | None = None
+    attempt_s: float = 0.0  # when the current attempt was handed to the flush thread
 
 
 @dataclass(eq=False)
@@ -304,6 +312,11 @@ class _Flusher:
     def close(self, timeout_s: float = 10.0) -> None:
         self._jobs.put(None)
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            # Stuck in a statement on a dead connection: closing it from this thread
+            # would race the flush thread inside libpq. The process exit ends both.
+            log.warning("the flush thread did not stop within %.0f s; leaving it", timeout_s)
+            return
         self.sink.close()
 
     def _run(self) -> None:
@@ -414,6 +427,11 @@ class Engine:
         self._dead_letters = dead_letters
         self._limits = decode_limits
         self._consumer_conf = config.consumer_config()
+        # Where a partition the database has never seen starts (the user's
+        # auto.offset.reset); librdkafka itself must never reset a position silently (a
+        # retention gap mid-run): it reports _AUTO_OFFSET_RESET instead (_kafka_error).
+        self._offset_reset = str(self._consumer_conf.get("auto.offset.reset", "earliest")).lower()
+        self._consumer_conf["auto.offset.reset"] = "error"
         self._cooperative = uses_cooperative_rebalance(self._consumer_conf)
         self._backpressure = Backpressure(config.backpressure, self.clock)
         self._ring = IdempotencyRing(config.ring_capacity, config.ring_ttl_ms)
@@ -432,6 +450,9 @@ class Engine:
         self._committed: dict[TopicPartitionKey, int] = {}
         self._start_offsets: dict[TopicPartitionKey, int] = {}
         self._rewound: set[TopicPartitionKey] = set()
+        # Assigned at the logical OFFSET_END, not yet resolved to a real offset: the
+        # first offset consumed resolves it (a rewind must not jump to the end again).
+        self._unresolved: set[TopicPartitionKey] = set()
         self._pending = Batch(STATE_COLUMNS)
         self._pending_since: float | None = None
         self._pending_messages = 0
@@ -511,10 +532,21 @@ class Engine:
             )
             self._last_message_s = self.clock.monotonic()
             self._loop()
-            if self._fatal is None:
-                self._drain(config.flush_retry_s + 10.0)
+            if self._fatal is None and not self._drain(config.flush_retry_s + 10.0):
+                self._fail(
+                    FlushFailed(
+                        "the last flush did not finish within "
+                        f"{config.flush_retry_s + 10.0:g} s at shutdown; nothing more was committed"
+                    )
+                )
             self._raise_fatal()
             self._commit_kafka(sync=True)
+        except BaseException as exc:
+            # Whatever stopped the engine, nothing more is flushed or committed: the
+            # final revoke in close() must not commit offsets past events that were
+            # never dead-lettered (design §6: fatal means nothing committed).
+            self._fail(exc)
+            raise
         finally:
             self._publish_metrics()
             self._shutdown()
@@ -530,6 +562,8 @@ class Engine:
         while not self._stop.is_set():
             messages = consumer.consume(config.consume_batch, timeout)
             self._raise_fatal()
+            if self._unresolved and messages:
+                self._resolve_starts(messages)
             if self._rewound:
                 messages = self._reseek(messages)
             if messages:
@@ -546,6 +580,20 @@ class Engine:
             if config.idle_exit_s is not None and self._idle_and_caught_up():
                 log.info("idle for %.1f s with no lag: exiting", config.idle_exit_s)
                 self._stop.set()
+
+    def _resolve_starts(self, messages: Sequence[Any]) -> None:
+        """Record the first offset consumed from each partition that started at the
+        logical end (its end offset could not be read at assignment)."""
+        unresolved = self._unresolved
+        for message in messages:
+            if message.error() is not None:
+                continue
+            key = (message.topic(), message.partition())
+            if key in unresolved:
+                unresolved.discard(key)
+                self._start_offsets[key] = message.offset()
+                if not unresolved:
+                    return
 
     def _truncate(self, messages: list[Any], room: int) -> list[Any]:
         kept: list[Any] = []
@@ -565,8 +613,13 @@ class Engine:
         result = self._pending.ingest(
             messages, self._ring, int(now * 1000), self._assigned, self._limits
         )
+        self._take_ingested(result, now)
+        # After the invalid events are dead-lettered: a Kafka error that stops the engine
+        # must not leave an offset in the batch past an event that was never handled.
         for message in result.errors:
-            self._kafka_error(message.error())
+            self._kafka_error(message)
+
+    def _take_ingested(self, result: Any, now: float) -> None:
         if not result.consumed:
             return
         self._last_message_s = now
@@ -586,14 +639,17 @@ class Engine:
             for message, reason in result.invalid:
                 self._handle_invalid(message, reason)
 
-    def _handle_invalid(self, message: Any, reason: str) -> None:
+    def _handle_invalid(
+        self, message: Any, reason: str, position: tuple[str, int, int] | None = None
+    ) -> None:
+        """Count, log and dead-letter one invalid message (``position``: its topic,
+        partition and offset, when ``message`` is a :class:`spr.dlq.SourceRecord`)."""
+        if position is None:
+            position = (message.topic(), message.partition(), message.offset())
+        topic, partition, offset = position
         self._counts["invalid"] += 1
         self._invalid_log.warning(
-            "invalid event at %s[%d]@%d: %s",
-            message.topic(),
-            message.partition(),
-            message.offset(),
-            reason,
+            "invalid event at %s[%d]@%d: %s", topic, partition, offset, reason
         )
         dead_letters = self._dead_letters
         if dead_letters is None or self._fatal is not None:
@@ -609,9 +665,9 @@ class Engine:
             log,
             "dlq",
             error_class=str(ErrorClass.INVALID),
-            topic=message.topic(),
-            partition=message.partition(),
-            offset=message.offset(),
+            topic=topic,
+            partition=partition,
+            offset=offset,
             reason=reason,
         )
 
@@ -621,11 +677,16 @@ class Engine:
             self._fatal = exc
         self._stop.set()
 
-    def _kafka_error(self, error: Any) -> None:
+    def _kafka_error(self, message: Any) -> None:
+        """Classify one error ``message`` of a consume() result (design §4, §6)."""
+        error = message.error()
         code = error.code()
         if code == _ERR_PARTITION_EOF:
             return
         self._counts["kafka_errors"] += 1
+        if code in (_ERR_AUTO_OFFSET_RESET, _ERR_OFFSET_OUT_OF_RANGE):
+            self._offset_out_of_range(message)
+            return
         error_class = classify_kafka_error(error)
         if error_class is ErrorClass.FATAL:
             raise ServerUnavailable(
@@ -634,9 +695,120 @@ class Engine:
         if code in (_ERR_UNKNOWN_TOPIC, _ERR_UNKNOWN_TOPIC_OR_PART):
             self._kafka_log.warning("Kafka: %s", error.str())
             return
-        # TRANSIENT: the client retries by itself. INVALID/DATA name a record the client
-        # could not read: it is skipped by the client, and counted here.
+        if error_class is ErrorClass.INVALID:
+            self._unreadable_record(message, error)
+            return
+        # TRANSIENT: the client retries by itself. DATA is a producer-side error.
         self._kafka_log.warning("Kafka error (%s): %s", error_class, error.str())
+
+    def _unreadable_record(self, message: Any, error: Any) -> None:
+        """A record the client could not read (bad CRC, compression...): dead-letter what
+        is known of it (its position and the error), then move its offset forward, like
+        an invalid event; without dead letters, stop (it would be skipped unseen)."""
+        try:
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+        except Exception:  # not tied to a record
+            topic, partition, offset = None, -1, -1
+        if topic is None or partition < 0 or offset < 0:
+            self._kafka_log.warning("Kafka error (invalid): %s", error.str())
+            return
+        key = (topic, partition)
+        if key not in self._assigned:
+            return  # fetched before a revoke was served; the next owner reads it
+        reason = f"Kafka could not read the record: {error.str()}"
+        if self._dead_letters is None:
+            self._fail(
+                SprError(
+                    f"{topic}[{partition}]@{offset}: {reason}; dead letters are turned off, "
+                    "so spr stops instead of skipping it"
+                )
+            )
+            return
+        from spr.dlq import SourceRecord
+
+        record = SourceRecord(topic=topic, partition=partition, offset=offset)
+        self._handle_invalid(record, reason, (topic, partition, offset))
+        if self._fatal is not None:
+            return
+        # Dead-lettered (flushed before the batch is handed off): now its offset moves.
+        self._pending.advance(topic, partition, offset)
+        self._pending_invalid += 1
+        self._pending_messages += 1
+        if self._pending_since is None:
+            self._pending_since = self.clock.monotonic()
+
+    def _offset_out_of_range(self, message: Any) -> None:
+        """librdkafka found a fetch position below the log start (retention deleted
+        events not applied yet) and, told ``auto.offset.reset=error``, stopped fetching
+        the partition: apply ``on_offset_gap``, as at assignment (:meth:`_check_gap`)."""
+        error = message.error()
+        try:
+            key = (message.topic(), message.partition())
+            position = int(message.offset())
+        except Exception:
+            key, position = None, -1
+        if key is None or key[0] is None or key not in self._assigned:
+            if key is None or key[0] is None:
+                raise ServerUnavailable(f"Kafka reported an offset out of range: {error.str()}")
+            return
+        if position < 0:
+            position = self._committed.get(key, -1)
+        try:
+            low = self._watermarks([key], latest=False)[key]
+        except Exception as exc:
+            raise ServerUnavailable(
+                f"{key[0]}[{key[1]}]: the fetch position {position} is out of range and "
+                f"the log start cannot be read: {_first_line(exc)}"
+            ) from exc
+        if position < 0 or position >= low:
+            # Not a retention gap (e.g. the end moved back): nothing was skipped yet.
+            raise ServerUnavailable(
+                f"{key[0]}[{key[1]}]: Kafka reported the fetch position {position} out of "
+                f"range (log start {low}): {error.str()}"
+            )
+        if self.config.on_offset_gap != "fail":
+            # Everything consumed below the gap is committed first: the gap's record
+            # moves the stored offset past it.
+            budget = self.config.flush_retry_s + 10.0
+            if not self._drain(budget):
+                self._raise_fatal()
+                raise FlushFailed(
+                    f"{key[0]}[{key[1]}]: could not flush before skipping a retention gap"
+                )
+        resume = self._check_gap(key, position, low)
+        self._committed[key] = max(self._committed.get(key, -1), resume)
+        self._start_offsets[key] = resume
+        self._unresolved.discard(key)
+        self._restart_fetch(key, resume)
+
+    def _restart_fetch(self, key: TopicPartitionKey, offset: int) -> None:
+        """Fetch ``key`` from ``offset`` again after librdkafka stopped it (a seek is
+        refused in that state): re-assign it."""
+        consumer = self._consumer
+        part = _topic_partition(key[0], key[1], offset)
+        if self._cooperative:
+            consumer.incremental_unassign([_topic_partition(*key)])
+            consumer.incremental_assign([part])
+        else:
+            keys = sorted(self._assigned)
+            positions = {
+                (tp.topic, tp.partition): tp.offset
+                for tp in consumer.position([_topic_partition(t, p) for t, p in keys])
+            }
+            assignment = []
+            for other in keys:
+                if other == key:
+                    assignment.append(part)
+                    continue
+                at = positions.get(other, -1)
+                if at is None or at < 0:
+                    at = self._committed.get(
+                        other, self._start_offsets.get(other, OFFSET_BEGINNING)
+                    )
+                assignment.append(_topic_partition(other[0], other[1], at))
+            consumer.assign(assignment)
+        if key in self._paused:
+            consumer.pause([_topic_partition(*key)])
 
     # -- flushing ---------------------------------------------------------------------
 
@@ -674,6 +846,8 @@ class Engine:
                 break
             self._on_outcome(outcome)
         self._raise_fatal()
+        self._check_stuck_flush()
+        self._raise_fatal()
         self._drive_retry()
         self._tick_metrics()
         if self._inflight is None and self._batch_due() and self._breaker_allows():
@@ -697,6 +871,29 @@ class Engine:
             inflight_age_s=age, buffered_bytes=buffered, batch_full=self._batch_full()
         )
         self._apply_pause(pause or self._holding())
+
+    def _check_stuck_flush(self) -> None:
+        """Stop when the flush attempt in flight has run far longer than the statement
+        timeout allows: its connection is dead (a silent network drop), and waiting on
+        it would hold the engine, uncommitted, for hours."""
+        job = self._inflight
+        if job is None or not job.running:
+            return
+        limit_s = self.config.statement_timeout_ms / 1000.0 + _FLUSH_WATCHDOG_MARGIN_S
+        age_s = self.clock.monotonic() - max(job.attempt_s, job.started_s)
+        if age_s > limit_s:
+            # No cancel request: on a dead network it could block as long. The flush
+            # thread is left behind (a daemon); whatever it may still commit is harmless.
+            job.cancel.set()
+            job.abandoned = True
+            self._fail(
+                FlushFailed(
+                    f"a flush to PostgreSQL ({redact_dsn(self.config.dsn)}) has not "
+                    f"answered for {age_s:.0f} s (statement_timeout is "
+                    f"{self.config.statement_timeout_ms / 1000.0:g} s): the connection "
+                    "looks dead; nothing more was committed"
+                )
+            )
 
     def _holding(self) -> bool:
         """Whether flushing is held up by failures: a flush waits for its retry, or the
@@ -725,6 +922,7 @@ class Engine:
         if not job.retry.ready(now) or not self._breaker.allow(now):
             return
         job.running = True
+        job.attempt_s = now
         flusher.submit(job)
 
     def _submit(self) -> None:
@@ -890,12 +1088,16 @@ class Engine:
         self._pending_invalid = 0
         self._ring.clear()
         for key in self._assigned:
+            self._rewound.add(key)
+            if key not in self._committed and key in self._unresolved:
+                # Nothing consumed from it yet (it would be resolved): its position is
+                # still where it started; a seek to the logical end would skip ahead.
+                continue
             offset = self._committed.get(key, self._start_offsets.get(key, OFFSET_BEGINNING))
             try:
                 self._consumer.seek(_topic_partition(key[0], key[1], offset))
             except Exception as exc:  # re-seeked after the current consume() returns
                 log.debug("seek %s failed: %s", key, exc)
-            self._rewound.add(key)
 
     def _reseek(self, messages: list[Any]) -> list[Any]:
         """Drop what one consume() returned for rewound partitions (some of it may
@@ -910,6 +1112,8 @@ class Engine:
         for key in rewound:
             if key not in self._assigned:
                 continue
+            if key not in self._committed and key in self._unresolved:
+                continue  # nothing consumed from it yet (see _abandon)
             offset = self._committed.get(key, self._start_offsets.get(key, OFFSET_BEGINNING))
             try:
                 self._consumer.seek(_topic_partition(key[0], key[1], offset))
@@ -1005,14 +1209,23 @@ class Engine:
         """Where each newly assigned partition starts: the database's offset, or
         ``auto.offset.reset`` when the database has never seen the partition."""
         stored = self._load_offsets_retrying(sorted({t for t, _ in keys}))
-        reset = str(self._consumer_conf.get("auto.offset.reset", "earliest")).lower()
+        reset = self._offset_reset
         fallback = OFFSET_END if reset in ("latest", "largest", "end") else OFFSET_BEGINNING
         known = [key for key in keys if key in stored]
         try:
             log_starts = self._watermarks(known, latest=False) if known else {}
-        except Exception as exc:  # no answer: the fetcher's own reset rules still apply
+        except Exception as exc:  # no answer: the fetcher reports a gap (_kafka_error)
             log.debug("log start offsets unavailable: %s", exc)
             log_starts = {}
+        ends: dict[TopicPartitionKey, int] = {}
+        unknown = [key for key in keys if key not in stored]
+        if unknown and fallback == OFFSET_END:
+            # A real offset, so that a rollback rewinds to where this owner started, not
+            # to a later end of the log (which would skip what it consumed meanwhile).
+            try:
+                ends = self._watermarks(unknown, latest=True)
+            except Exception as exc:
+                log.debug("end offsets unavailable: %s", exc)
         start: dict[TopicPartitionKey, int] = {}
         for key in keys:
             offset = stored.get(key)
@@ -1022,12 +1235,18 @@ class Engine:
                         f"the database has no offset for {key[0]}[{key[1]}] and "
                         "auto.offset.reset is 'error'"
                     )
-                start[key] = fallback
+                resolved = ends.get(key, -1)
+                start[key] = resolved if resolved >= 0 else fallback
+                if start[key] == OFFSET_END:
+                    self._unresolved.add(key)
+                else:
+                    self._unresolved.discard(key)
                 self._committed.pop(key, None)
             else:
                 start[key] = self._check_gap(key, offset, log_starts.get(key, -1))
                 # A skipped gap moved the stored offset forward (see _check_gap).
                 self._committed[key] = max(offset, start[key])
+                self._unresolved.discard(key)
             self._start_offsets[key] = start[key]
         return start
 
@@ -1175,6 +1394,7 @@ class Engine:
         for key in keys:
             self._committed.pop(key, None)
             self._start_offsets.pop(key, None)
+            self._unresolved.discard(key)
             self._local.forget_partition(*key)
         if not self._assigned:
             self._backpressure.reset()

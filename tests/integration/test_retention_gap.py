@@ -12,6 +12,7 @@ exports it: ``spr_offset_gaps_total`` and ``spr_offset_gap_events_total`` on /me
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,9 +36,12 @@ from helpers import (
     stored_offsets,
     wait_for,
 )
+from psycopg import sql
 from test_metrics_scrape import free_port, scrape
 
-from spr.config import TableMapping
+from spr.config import BatchPolicy, EngineConfig, TableMapping
+from spr.engine import Engine
+from spr.errors import ConfigError
 from spr.sink.postgres import PostgresSink
 
 Names = Callable[[str], str]
@@ -172,3 +176,83 @@ def test_retention_gap_stops_by_default_and_is_recorded_when_skipped(
         (group, 0, low, low, "earliest", low),
         (group_latest, 0, low, low, "latest", end),
     ]
+
+
+def _run_into_a_mid_run_gap(
+    bootstrap: str, dsn: str, admin: AdminClient, topic: str, table: str, group: str,
+    on_offset_gap: str,
+) -> tuple[Engine, BaseException | None, int]:  # fmt: skip
+    """Run an engine in a thread; while it is paused behind a flush held up by a table
+    lock, delete the records from its fetch position on (``delete_records``), so that
+    its position falls below the log start mid-run. Returns the engine, what ``run``
+    raised and the new log start."""
+    config = EngineConfig(
+        group_id=group, topics=(topic,), bootstrap=bootstrap, dsn=dsn,
+        mapping=TableMapping(table=table), batch=BatchPolicy(max_rows=10), consume_batch=5,
+        idle_exit_s=2.0, on_offset_gap=on_offset_gap, dead_letters=False,
+    )  # fmt: skip
+    engine = Engine(config)
+    raised: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            engine.run()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    wait_for(lambda: engine.stats().assigned_partitions == 1, 30, "the assignment")
+    with psycopg.connect(dsn) as lock:
+        lock.execute(
+            sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(table))
+        )
+        produce_raw(bootstrap, topic, events("e", 100))
+        wait_for(lambda: engine.stats().paused_partitions == 1, 20, "the pause")
+        consumed = engine.stats().consumed
+        assert 0 < consumed < 60
+        deleted = admin.delete_records([TopicPartition(topic, 0, 60)])
+        for future in deleted.values():
+            future.result(10)
+        lock.rollback()
+    thread.join(60)
+    assert not thread.is_alive()
+    return engine, (raised[0] if raised else None), log_start(admin, topic)
+
+
+def test_a_retention_gap_mid_run_is_never_skipped_silently(
+    bootstrap: str, dsn: str, admin: AdminClient, make_topic: Callable[..., str],
+    unique_name: Names, pg: psycopg.Connection[Any],
+) -> None:  # fmt: skip
+    """The fetch position falls below the log start while spr runs: librdkafka is told
+    ``auto.offset.reset=error``, so spr sees it and applies on_offset_gap as at start."""
+    for choice in ("fail", "earliest"):
+        topic = make_topic(partitions=1)
+        table, group = unique_name("state"), unique_name("g")
+        with PostgresSink(dsn, mapping=TableMapping(table=table)) as sink:
+            sink.init_schema()
+        engine, raised, low = _run_into_a_mid_run_gap(
+            bootstrap, dsn, admin, topic, table, group, choice
+        )
+        assert low == 60
+        stored = stored_offsets(dsn, group, [topic]).get((topic, 0), 0)
+        if choice == "fail":
+            assert isinstance(raised, ConfigError), raised
+            assert f"{topic}[0]" in str(raised) and "deleted by retention" in str(raised)
+            assert stored < 60  # nothing past the gap
+            continue
+        assert raised is None, raised
+        assert stored == 100
+        recorded = pg.execute(
+            "SELECT stored_offset, log_start, gap_events, resumed_at, resume_offset "
+            "FROM spr_offsets_gaps WHERE group_id = %s",
+            (group,),
+        ).fetchall()
+        assert len(recorded) == 1
+        position = recorded[0][0]
+        assert recorded[0] == (position, 60, 60 - position, "earliest", 60)
+        assert set(state_rows(dsn, table)) == {f"order:e-{i}" for i in range(position)} | {
+            f"order:e-{i}" for i in range(60, 100)
+        }
+        stats = engine.stats()
+        assert stats.offset_gaps == 1 and stats.offset_gap_events == 60 - position

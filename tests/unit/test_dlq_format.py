@@ -111,3 +111,60 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
         spr_main(["dlq", "redrive", "--topic", "t", "--error-class", "bogus"])
     assert caught.value.code == 2
+
+
+class _Future:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def result(self, timeout: float | None = None) -> None:
+        raise self.error
+
+
+def test_topic_creation_uses_the_writers_connection_settings_and_wraps_any_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import concurrent.futures
+
+    import spr.dlq
+    from spr.dlq import DeadLetterWriter, InvalidEventSink
+    from spr.errors import DeadLetterUnavailable
+
+    seen: list[dict[str, object]] = []
+
+    class FakeAdmin:
+        def __init__(self, conf: dict[str, object]) -> None:
+            seen.append(conf)
+
+        def create_topics(self, topics: list[object], **kw: object) -> dict[str, _Future]:
+            return {"t.dlq": _Future(concurrent.futures.TimeoutError())}
+
+    monkeypatch.setattr(spr.dlq, "AdminClient", FakeAdmin)
+    connection = {
+        "security.protocol": "SASL_PLAINTEXT",
+        "sasl.mechanism": "PLAIN",
+        "sasl.username": "u",
+        "sasl.password": "p",
+        "client.id": "me",
+    }
+    writer = DeadLetterWriter(bootstrap="127.0.0.1:1", producer_config=connection)
+    with pytest.raises(DeadLetterUnavailable, match=r"cannot create dead-letter topic 't\.dlq'"):
+        writer._create("t.dlq", 1)
+    conf = seen[0]
+    assert {k: conf[k] for k in connection} == connection
+    assert conf["bootstrap.servers"] == "127.0.0.1:1"
+    assert "acks" not in conf and "enable.idempotence" not in conf
+
+    # The engine's hook turns any other error of the writer into DeadLetterUnavailable.
+    class Broken:
+        def send(self, *args: object) -> None:
+            raise RuntimeError("boom")
+
+        def flush(self, timeout: float) -> None:
+            raise concurrent.futures.TimeoutError()
+
+    hook = InvalidEventSink(Broken())  # type: ignore[arg-type]
+    with pytest.raises(DeadLetterUnavailable, match="could not be queued"):
+        hook.send(object(), "bad")
+    with pytest.raises(DeadLetterUnavailable, match="could not be flushed"):
+        hook.flush()

@@ -179,6 +179,23 @@ class PostgresSink:
 
     # -- connection -------------------------------------------------------------------
 
+    def connection_options(self) -> dict[str, Any]:
+        """TCP keepalives and ``tcp_user_timeout`` for the connection, so that a silent
+        network drop fails the statement in seconds instead of blocking for hours (the
+        kernel's defaults); a parameter the DSN sets itself wins."""
+        options: dict[str, Any] = {
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(self.statement_timeout_ms) + 10_000,
+        }
+        try:
+            given = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        except psycopg.ProgrammingError:
+            given = {}
+        return {k: v for k, v in options.items() if k not in given}
+
     def connect(self) -> psycopg.Connection[Any]:
         """Open the connection if it is not open; raises ServerUnavailable."""
         conn = self._conn
@@ -191,6 +208,7 @@ class PostgresSink:
                 autocommit=True,
                 connect_timeout=max(1, round(self.connect_timeout_s)),
                 application_name=self.application_name,
+                **self.connection_options(),
             )
         except psycopg.OperationalError as exc:
             raise ServerUnavailable(
