@@ -40,6 +40,8 @@ __all__ = [
     "DEFAULT_DSN",
     "KAFKA_VERSION",
     "DevStack",
+    "default_bootstrap",
+    "default_dsn",
     "kafka_libs",
     "register",
 ]
@@ -54,6 +56,17 @@ CONTROLLER_PORT = KAFKA_PORT + 1
 PG_PORT = int(os.environ.get("SPR_DEV_PG_PORT", "55432"))
 DEFAULT_BOOTSTRAP = f"{KAFKA_HOST}:{KAFKA_PORT}"
 DEFAULT_DSN = f"postgresql://spr@127.0.0.1:{PG_PORT}/spr"
+
+
+def default_bootstrap() -> str:
+    """Kafka bootstrap servers when none are given: ``$SPR_BOOTSTRAP`` or the local stack."""
+    return os.environ.get("SPR_BOOTSTRAP") or DEFAULT_BOOTSTRAP
+
+
+def default_dsn() -> str:
+    """PostgreSQL DSN when none is given: ``$SPR_DSN`` or the local stack's database."""
+    return os.environ.get("SPR_DSN") or DEFAULT_DSN
+
 
 _KAFKA_START_TIMEOUT_S = 120.0
 _PG_START_TIMEOUT_S = 60.0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,7 +39,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from spr.classify import ErrorClass
 from spr.config import merge_kafka_config
-from spr.devstack import DEFAULT_BOOTSTRAP
+from spr.devstack import default_bootstrap
 from spr.errors import ConfigError, DeadLetterUnavailable, ServerUnavailable
 
 __all__ = [
@@ -881,7 +880,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _bootstrap(args: argparse.Namespace) -> str:
-    bootstrap: str = args.bootstrap or os.environ.get("SPR_BOOTSTRAP") or DEFAULT_BOOTSTRAP
+    bootstrap: str = args.bootstrap or default_bootstrap()
     return bootstrap
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,7 +49,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from spr.devstack import DEFAULT_BOOTSTRAP
+from spr.devstack import default_bootstrap
 from spr.errors import ConfigError, ServerUnavailable
 
 __all__ = [
@@ -66,10 +65,6 @@ DEFAULT_MAX_RETENTION_FRACTION = 0.8
 _TIMEOUT_S = 10.0
 _EARLIEST = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
 _LATEST = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-
-
-def default_bootstrap() -> str:
-    return os.environ.get("SPR_BOOTSTRAP", DEFAULT_BOOTSTRAP)
 
 
 class KafkaOps:

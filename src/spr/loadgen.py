@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -531,9 +530,9 @@ def _progress_bar(stream: TextIO) -> Callable[[int, int, float], None]:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from spr.devstack import DEFAULT_BOOTSTRAP
+    from spr.devstack import default_bootstrap
 
-    bootstrap = args.bootstrap or os.environ.get("SPR_BOOTSTRAP") or DEFAULT_BOOTSTRAP
+    bootstrap = args.bootstrap or default_bootstrap()
     spec = LoadSpec(
         count=args.count,
         entities=args.entities,

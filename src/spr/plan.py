@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from spr.batch import STATE_COLUMNS, Batch
 from spr.config import TableMapping
 from spr.decode import decode_batch
-from spr.devstack import DEFAULT_BOOTSTRAP, DEFAULT_DSN
+from spr.devstack import default_bootstrap, default_dsn
 from spr.errors import ConfigError, ServerUnavailable
 
 __all__ = [
@@ -294,7 +293,7 @@ def _drop_tables(sink: Any, mapping: TableMapping) -> None:
 
     try:
         conn = sink.connect()
-        for name in (mapping.table, mapping.offsets_table):
+        for name in (mapping.table, mapping.offsets_table, mapping.gaps_table):
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
     except Exception:  # cleanup must not hide the measurement's own error
         pass
@@ -339,8 +338,8 @@ def _main(args: argparse.Namespace) -> int:
         # Validate the cheap arguments before spending ten seconds measuring.
         plan_partitions(args.target_throughput, 1.0, headroom=args.headroom)
         measurement = measure_partition_throughput(
-            bootstrap=args.bootstrap or os.environ.get("SPR_BOOTSTRAP", DEFAULT_BOOTSTRAP),
-            dsn=args.dsn or os.environ.get("SPR_DSN", DEFAULT_DSN),
+            bootstrap=args.bootstrap or default_bootstrap(),
+            dsn=args.dsn or default_dsn(),
         )
         partition_throughput = measurement.events_per_second
     else:

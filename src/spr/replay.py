@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,9 +36,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from spr.devstack import DEFAULT_DSN
+from spr.devstack import default_bootstrap, default_dsn
 from spr.errors import ConfigError, ServerUnavailable
-from spr.lag import KafkaOps, default_bootstrap
+from spr.lag import KafkaOps
 from spr.logs import redact
 
 __all__ = [
@@ -149,7 +148,7 @@ def rewind(
         raise ConfigError(f"--to-offset must be >= 0, got {to_offset}")
     if into is not None and (not into or into in (table, offsets_table)):
         raise ConfigError("--into needs a new table name, different from the state table")
-    dsn = dsn or os.environ.get("SPR_DSN", DEFAULT_DSN)
+    dsn = dsn or default_dsn()
     ops = KafkaOps(bootstrap or default_bootstrap())
     ops.check_reachable()
     target_group = derived_group(group, into) if into is not None else group
@@ -319,7 +318,7 @@ def _run_command(topics: Sequence[str], group: str, table: str, dsn: str) -> str
     for topic in topics:
         parts += ["--topic", topic]
     parts += ["--group", group, "--table", table]
-    if dsn != DEFAULT_DSN:
+    if dsn != default_dsn():
         parts += ["--dsn", redact(dsn)]
     parts += ["--idle-exit", "10"]
     return shlex.join(parts)

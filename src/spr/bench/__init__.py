@@ -12,7 +12,6 @@ server or an argument is wrong. See :mod:`spr.bench.harness` for the measurement
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -72,14 +71,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _main(args: argparse.Namespace) -> int:
     from spr.bench import harness, report
-    from spr.devstack import DEFAULT_BOOTSTRAP, DEFAULT_DSN
+    from spr.devstack import default_bootstrap, default_dsn
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.skip_quix:
         skip.add("quix")
     options = harness.BenchOptions(
-        bootstrap=args.bootstrap or os.environ.get("SPR_BOOTSTRAP") or DEFAULT_BOOTSTRAP,
-        dsn=args.dsn or os.environ.get("SPR_DSN") or DEFAULT_DSN,
+        bootstrap=args.bootstrap or default_bootstrap(),
+        dsn=args.dsn or default_dsn(),
         events=args.events,
         entities=args.entities,
         partitions=args.partitions,

@@ -195,6 +195,9 @@ class _Workspace:
         self.groups: list[str] = []
         self.offsets_table = self.name("offsets")
         self.tables.append(self.offsets_table)
+        from spr.config import TableMapping
+
+        self.tables.append(TableMapping(table="_", offsets_table=self.offsets_table).gaps_table)
         self._admin: Any = None
 
     def name(self, what: str) -> str:
