@@ -13,7 +13,7 @@ spr dev up
 "$PY" -m pytest tests/unit tests/integration -p no:cacheprovider "$@"
 # Correctness, not speed: exits non-zero unless the table matches the expected state.
 spr bench --events 100000 --entities 10000 --skip quix,antipattern,latency -q
-"$PY" -m pytest tests/bench -q -p no:cacheprovider --benchmark-disable
+"$PY" -m pytest tests/bench -q -p no:cacheprovider
 asv machine --yes >/dev/null
 asv run --quick --python=same --show-stderr
 "$PY" ci/check_wheel.py

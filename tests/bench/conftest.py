@@ -33,6 +33,8 @@ Recorder = Callable[[Any, str, str, int], None]
 
 
 def _record(benchmark: Any, group: str, impl: str, items: int) -> None:
+    if benchmark.stats is None:  # --benchmark-disable: the code ran once, nothing was timed
+        return
     RESULTS[(group, impl)] = benchmark.stats.stats.min / items
 
 
