@@ -340,6 +340,21 @@ def _broker_timestamps(
 # ------------------------------------------------------------------------ contenders
 
 
+def _judge(
+    ws: _Workspace,
+    result: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    table: str,
+    total: int,
+) -> dict[str, Any]:
+    """Verify a finished contender's table against ``expected``, drop it, summarise."""
+    verification = None
+    if "error" not in result:
+        verification = compare(expected, fetch_rows(ws.options.dsn, table))
+    ws.drop_table(table)
+    return _summarise(result, total, verification)
+
+
 def _summarise(
     result: Mapping[str, Any],
     total: int,
@@ -771,11 +786,7 @@ def _compare(ws: _Workspace, document: dict[str, Any], series: dict[str, Any]) -
                 max_rows=options.max_rows,
                 timeout_s=timeout,
             ).wait(timeout + 30)
-            verification = None
-            if "error" not in result:
-                verification = compare(expected, fetch_rows(options.dsn, table))
-            ws.drop_table(table)
-            entry = _summarise(result, total, verification)
+            entry = _judge(ws, result, expected, table, total)
             entry["note"] = (
                 f"ceiling: spr's COPY -> merge flushes of {options.max_rows:,}-row batches, "
                 "database time only"
@@ -789,11 +800,7 @@ def _compare(ws: _Workspace, document: dict[str, Any], series: dict[str, Any]) -
                 "arroyo", name, **common, group=ws.group(name), table=table, total=total,
                 max_rows=options.max_rows, timeout_s=timeout,
             ).wait(timeout + 30)  # fmt: skip
-            verification = None
-            if "error" not in result:
-                verification = compare(expected, fetch_rows(options.dsn, table))
-            ws.drop_table(table)
-            entry = _summarise(result, total, verification)
+            entry = _judge(ws, result, expected, table, total)
             entry["note"] = "at-least-once; speed reference"
             finish(name, entry, result)
         elif name == "quix":
@@ -802,11 +809,7 @@ def _compare(ws: _Workspace, document: dict[str, Any], series: dict[str, Any]) -
                 finish(name, {"status": "skipped", "reason": reason}, None)
                 continue
             result, table = _run_quix(ws, python, topic, total, timeout)
-            verification = None
-            if "error" not in result:
-                verification = compare(expected, fetch_rows(options.dsn, table))
-            ws.drop_table(table)
-            entry = _summarise(result, total, verification)
+            entry = _judge(ws, result, expected, table, total)
             entry["note"] = (
                 f"quixstreams {result.get('quixstreams', '?')} PostgreSQLSink, "
                 "upsert on (entity_type, entity_id), default 5 s checkpoints"
