@@ -479,15 +479,7 @@ class Engine:
         self._pending_weights: array[int] = array("q")
 
     def _default_sink(self) -> PostgresSink:
-        c = self.config
-        return PostgresSink(
-            c.dsn,
-            group_id=c.group_id,
-            mapping=c.mapping,
-            statement_timeout_ms=c.statement_timeout_ms,
-            connect_timeout_s=c.connect_timeout_s,
-            application_name=f"spr:{c.group_id}",
-        )
+        return PostgresSink.from_config(self.config)
 
     # -- public -----------------------------------------------------------------------
 

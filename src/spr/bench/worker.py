@@ -149,14 +149,7 @@ def run_spr(
         return _TimedConsumer(Consumer(conf), recorder.first, ready)
 
     def sink_factory() -> PostgresSink:
-        return RecordingSink(
-            config.dsn,
-            group_id=config.group_id,
-            mapping=config.mapping,
-            statement_timeout_ms=config.statement_timeout_ms,
-            connect_timeout_s=config.connect_timeout_s,
-            application_name=f"spr:{config.group_id}",
-        )
+        return RecordingSink.from_config(config)
 
     engine = Engine(config, consumer_factory=consumer_factory, sink_factory=sink_factory)
 

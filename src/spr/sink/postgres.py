@@ -21,7 +21,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -31,7 +31,13 @@ from spr.classify import ErrorClass, classify
 from spr.config import DEFAULT_MAPPING, TableMapping
 from spr.errors import ConfigError, ServerUnavailable
 from spr.isolate import isolate_poison
+
+if TYPE_CHECKING:
+    from spr.config import EngineConfig
+
 from spr.routing import partition_key
+
+_Sink = TypeVar("_Sink", bound="PostgresSink")
 
 __all__ = [
     "STAGING_TABLE",
@@ -195,6 +201,18 @@ class PostgresSink:
         except psycopg.ProgrammingError:
             given = {}
         return {k: v for k, v in options.items() if k not in given}
+
+    @classmethod
+    def from_config(cls: type[_Sink], config: EngineConfig) -> _Sink:
+        """The sink an engine with ``config`` writes through (not yet connected)."""
+        return cls(
+            config.dsn,
+            group_id=config.group_id,
+            mapping=config.mapping,
+            statement_timeout_ms=config.statement_timeout_ms,
+            connect_timeout_s=config.connect_timeout_s,
+            application_name=f"spr:{config.group_id}",
+        )
 
     def connect(self) -> psycopg.Connection[Any]:
         """Open the connection if it is not open; raises ServerUnavailable."""
