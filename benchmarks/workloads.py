@@ -15,11 +15,9 @@ import msgspec
 
 from spr import _core_py
 from spr._event import Event
+from spr._impl import compiled_core as compiled_core_or_none
 
-try:
-    from spr import _core as compiled_core  # type: ignore[attr-defined, unused-ignore]
-except ImportError:  # pragma: no cover
-    compiled_core = None
+compiled_core = compiled_core_or_none()
 
 IMPLEMENTATIONS: dict[str, ModuleType] = {"python": _core_py}
 if compiled_core is not None:
@@ -129,7 +127,7 @@ def consumed_messages(n: int, partitions: int = 12, run: int = 64) -> list[Any]:
     5% duplicates, 2% stale events), in per-partition runs of ``run`` messages as
     ``consume()`` returns them. Falls back to plain objects with the same methods when
     the client cannot build Messages."""
-    from spr.loadgen import LoadSpec, generate
+    from spr.dev.loadgen import LoadSpec, generate
 
     spec = LoadSpec(count=n, entities=100_000, seed=3, duplicates=0.05, stale=0.02)
     events = list(generate(spec))

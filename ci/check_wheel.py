@@ -1,5 +1,6 @@
 """Build the wheel and check what it ships: the compiled core, py.typed and the stub,
-but neither the generated C nor the Cython source."""
+but neither the generated C nor the Cython sources (the .pyx, its include files and the
+.pxd), and not the include folder ``spr/_core/`` as a package."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ def main() -> int:
     problems = []
     if not any(n.startswith("spr/_core.") and n.endswith(".so") for n in names):
         problems.append("the compiled spr._core is missing")
-    for required in ("spr/py.typed", "spr/_core.pyi"):
+    for required in ("spr/py.typed", "spr/_core.pyi", "spr/_core_py/__init__.py"):
         if required not in names:
             problems.append(f"{required} is missing")
     for name in names:
-        if name.endswith((".c", ".pyx", ".html")):
+        if name.endswith((".c", ".pyx", ".pxi", ".pxd", ".html")) or name.startswith("spr/_core/"):
             problems.append(f"{name} should not ship")
     if problems:
         print(f"ci/check_wheel: {wheel.name}: " + "; ".join(problems))

@@ -33,7 +33,7 @@ echo "== verify the table against the expected state"
 python - "$work/expected.json" "$table" "$work/stats.json" "$start" "$end" <<'PY'
 import json, sys
 from spr.bench.verify import compare, fetch_rows
-from spr.devstack import DEFAULT_DSN
+from spr.config.defaults import DEFAULT_DSN
 
 expected = json.load(open(sys.argv[1]))["entities"]
 stats = json.load(open(sys.argv[3]))

@@ -1,90 +1,79 @@
-"""Use spr's PostgreSQL sink from your own confluent-kafka loop, without the engine.
+"""Keep your own confluent-kafka loop, and apply it to PostgreSQL exactly once with spr.
 
-Decode each message, collect a Batch, flush it (rows and offsets in one transaction),
-and start every assigned partition at the offset stored in the database. Run it twice:
-the second run reads nothing, because the database remembers where the first stopped.
+The loop below is yours: you build the consumer, call ``consume()`` and decide when to
+stop. spr's :class:`~spr.engine.StatePipeline` (the same stages ``spr run`` uses) takes
+each ``consume()`` result and gives it the idempotency ring, fetch/write overlap, the
+sequence guard, offsets stored in the same transaction as the rows, and dead letters
+for invalid events (``<topic>.dlq``, never dropped silently). Its rebalance callbacks
+start every partition at the offset stored in the database.
 
     python examples/embed_sink.py --topic orders --group my-loop
 
-It exits 0 once it has been assigned its partitions and nothing new arrived for
---idle seconds. (No ring and no overlap here: the engine, ``spr run``, adds those.)
+Run it twice: the second run applies nothing, because the database remembers where the
+first one stopped. It exits 0 once it owns partitions and nothing new arrived for
+``--idle`` seconds, with everything consumed committed.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from confluent_kafka import Consumer
 
-from spr.batch import STATE_COLUMNS, Batch
-from spr.config import TableMapping
-from spr.decode import decode_batch
-from spr.devstack import DEFAULT_BOOTSTRAP, DEFAULT_DSN
-from spr.offsets import on_assign_from_db
-from spr.sink import PostgresSink
+from spr.config import EngineConfig, TableMapping, default_bootstrap, default_dsn
+from spr.dlq import dead_letter_sink
+from spr.engine import StatePipeline
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bootstrap", default=os.environ.get("SPR_BOOTSTRAP", DEFAULT_BOOTSTRAP))
-    parser.add_argument("--dsn", default=os.environ.get("SPR_DSN", DEFAULT_DSN))
+    parser.add_argument("--bootstrap", default=default_bootstrap())
+    parser.add_argument("--dsn", default=default_dsn())
     parser.add_argument("--topic", required=True)
     parser.add_argument("--group", default="spr-embed-example")
     parser.add_argument("--table", default="spr_entity_state")
     parser.add_argument("--idle", type=float, default=2.0, help="seconds without news to exit")
     args = parser.parse_args()
 
-    sink = PostgresSink(args.dsn, group_id=args.group, mapping=TableMapping(table=args.table))
-    sink.init_schema()
-    consumer = Consumer(
-        {
-            "bootstrap.servers": args.bootstrap,
-            "group.id": args.group,
-            "enable.auto.commit": False,  # the database stores the offsets
-            "partition.assignment.strategy": "cooperative-sticky",
-            "auto.offset.reset": "earliest",
-        }
+    config = EngineConfig(
+        group_id=args.group,
+        topics=(args.topic,),
+        bootstrap=args.bootstrap,
+        dsn=args.dsn,
+        mapping=TableMapping(table=args.table),
+        auto_create_schema=True,
     )
-    assigned = False
-    base_on_assign = on_assign_from_db(sink, incremental=True)
-
-    def on_assign(c: Consumer, partitions: list) -> None:  # type: ignore[type-arg]
-        nonlocal assigned
-        base_on_assign(c, partitions)
-        assigned = True
-
-    consumer.subscribe([args.topic], on_assign=on_assign)
-    batch = Batch(STATE_COLUMNS)
-    processed = 0
+    # spr's consumer settings: auto-commit off, and librdkafka never resets a position
+    # by itself (the database decides where a partition starts).
+    consumer = Consumer(StatePipeline.consumer_config(config))
+    pipeline = StatePipeline(config, consumer, dead_letters=dead_letter_sink(config))
+    pipeline.open()
+    consumer.subscribe(
+        [args.topic],
+        on_assign=pipeline.on_assign,
+        on_revoke=pipeline.on_revoke,
+        on_lost=pipeline.on_lost,
+    )
+    taken = 0
     last_news = time.monotonic()
     try:
         while True:
-            messages = [m for m in consumer.consume(500, 0.2) if m.error() is None]
+            messages = consumer.consume(500, 0.1)
+            pipeline.submit(messages)  # decode, dedup, batch; invalid ones dead-lettered
+            pipeline.poll()  # hand a batch to the database, collect the one before
             if messages:
+                taken += len(messages)
                 last_news = time.monotonic()
-                events, _invalid = decode_batch(
-                    [m.value() for m in messages],
-                    [m.offset() for m in messages],
-                    [m.timestamp()[1] for m in messages],
-                )
-                for message, event in zip(messages, events, strict=True):
-                    if event is None:  # invalid: skip it, but move its offset on
-                        batch.advance(message.topic(), message.partition(), message.offset())
-                    else:
-                        batch.add(event, message.topic(), message.partition(), message.offset())
-                processed += len(messages)
             idle = time.monotonic() - last_news >= args.idle
-            if batch.next_offsets() and (batch.row_count >= 1000 or not messages):
-                sink.flush(batch)  # one transaction: rows + offsets
-                batch.clear()
-            if idle and assigned and not batch.next_offsets():
+            if idle and pipeline.positions.assigned and not pipeline.busy:
                 break
+        if not pipeline.join(timeout_s=30.0):  # everything taken, committed
+            raise SystemExit("the last batch did not commit within 30 s")
     finally:
-        consumer.close()
-        sink.close()
-    print(f"processed {processed} message(s)")
+        consumer.close()  # its final revoke commits what is left, or rolls it back
+        pipeline.close()
+    print(f"took {taken} message(s); state in {args.table}")
     return 0
 
 

@@ -11,21 +11,28 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-__all__ = ["IMPL", "core"]
+__all__ = ["IMPL", "compiled_core", "core"]
 
 
-def _choose() -> tuple[ModuleType, str]:
-    if os.environ.get("SPR_NO_EXTENSIONS", "") not in ("", "0"):
-        from spr import _core_py
-
-        return _core_py, "python"
+def compiled_core() -> ModuleType | None:
+    """The built extension ``spr._core``, whatever ``SPR_NO_EXTENSIONS`` says; None
+    when it is not built (the tests and benchmarks compare it with the twin)."""
     try:
         from spr import _core  # type: ignore[attr-defined, unused-ignore]
     except ImportError:
+        return None
+    # Without a built extension, the include folder src/spr/_core/ imports as an empty
+    # namespace package: that is no core either.
+    return _core if hasattr(_core, "Batch") else None
+
+
+def _choose() -> tuple[ModuleType, str]:
+    compiled = None if os.environ.get("SPR_NO_EXTENSIONS", "") not in ("", "0") else compiled_core()
+    if compiled is None:
         from spr import _core_py
 
         return _core_py, "python"
-    return _core, "compiled"
+    return compiled, "compiled"
 
 
 core, IMPL = _choose()

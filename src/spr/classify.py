@@ -15,8 +15,8 @@ FATAL      bad credentials, missing table, 42xxx, anything        stop with one 
 
 Errors are classified once, here, by what they *are* (SQLSTATE, Kafka error code and
 flags, spr's own error types), never by ``except`` clauses scattered through the loop.
-Everything in this module is pure computation: nothing blocks, nothing raises except
-:func:`check_key` (by design, :class:`spr.errors.InvalidEvent`).
+Everything in this module is pure computation: nothing blocks, nothing raises. (The
+routing rule that makes a message invalid for its key is :func:`spr.routing.check_key`.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from collections.abc import Mapping
 import psycopg
 from confluent_kafka import KafkaError, KafkaException
 
-from spr.decode import Event
 from spr.errors import (
     ConfigError,
     DeadLetterUnavailable,
@@ -36,11 +35,9 @@ from spr.errors import (
     SprError,
     ToolMissing,
 )
-from spr.routing import partition_key
 
 __all__ = [
     "ErrorClass",
-    "check_key",
     "classify",
     "classify_kafka_error",
     "classify_sqlstate",
@@ -315,29 +312,3 @@ def error_reason(error: BaseException | KafkaError, *, limit: int = 500) -> str:
     if isinstance(error, psycopg.Error) and error.sqlstate:
         return _one_line(f"PostgreSQL {error.sqlstate}: {error}", limit)
     return _one_line(f"{type(error).__name__}: {error}", limit)
-
-
-def check_key(message_key: bytes | str | None, event: Event, *, require_key: bool = True) -> None:
-    """Check that a message's Kafka key is the partition key of the entity in its value.
-
-    A key that names another entity means the event was routed by something else and
-    may sit on the wrong partition, where its order relative to the entity's other
-    events is lost; applying it could move state backwards. Raises
-    :class:`spr.errors.InvalidEvent` on a mismatch, and on a missing key when
-    ``require_key`` (the default: design §3 makes the partition key the message key).
-    """
-    expected = partition_key(f"{event.entity_type}:{event.entity_id}")
-    if message_key is None:
-        if require_key:
-            raise InvalidEvent(
-                f"message has no key; expected the partition key {expected} of "
-                f"{event.entity_type}:{event.entity_id}"
-            )
-        return
-    actual = message_key.encode("utf-8") if isinstance(message_key, str) else message_key
-    if actual != expected.encode("ascii"):
-        shown = actual[:40].decode("utf-8", "backslashreplace")
-        raise InvalidEvent(
-            f"message key {shown!r} does not match entity {event.entity_type}:"
-            f"{event.entity_id}, whose partition key is {expected}"
-        )

@@ -2,7 +2,9 @@
 
 Retry budgets, circuit-breaker cool-downs and flush ages are all measured on a
 :class:`Clock`, so tests can move time with :class:`FakeClock` instead of sleeping.
-Times are seconds on a monotonic scale (only differences mean anything).
+``monotonic()`` is seconds on a monotonic scale (only differences mean anything);
+``time()`` is wall-clock seconds since the epoch, for comparing with Kafka's broker
+timestamps (latency, the age of the oldest unconsumed message).
 """
 
 from __future__ import annotations
@@ -21,16 +23,24 @@ class Clock(Protocol):
         """Seconds on a scale that never goes backwards; only differences mean anything."""
         ...
 
+    def time(self) -> float:
+        """Wall-clock seconds since the epoch (may jump; only for comparing with
+        timestamps that come from elsewhere, such as Kafka's)."""
+        ...
+
     def sleep(self, seconds: float) -> None:
         """Block for ``seconds`` (on this clock)."""
         ...
 
 
 class SystemClock:
-    """The real clock: :func:`time.monotonic` and :func:`time.sleep`."""
+    """The real clock: :func:`time.monotonic`, :func:`time.time` and :func:`time.sleep`."""
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
 
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
@@ -44,12 +54,17 @@ class FakeClock:
     retry loop chose.
     """
 
-    def __init__(self, start: float = 0.0) -> None:
+    def __init__(self, start: float = 0.0, *, wall_start: float = 1_700_000_000.0) -> None:
         self._now = float(start)
+        self._wall_offset = float(wall_start) - self._now
         self.sleeps: list[float] = []
 
     def monotonic(self) -> float:
         return self._now
+
+    def time(self) -> float:
+        """``wall_start`` plus the time advanced since (it moves with the clock)."""
+        return self._now + self._wall_offset
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)

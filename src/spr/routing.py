@@ -9,14 +9,19 @@ Everything here is pure computation: nothing blocks or does I/O.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from typing import Any
 
+from spr._event import Event
 from spr._impl import core
-from spr.errors import ConfigError
 
-__all__ = ["murmur2", "partition_for", "partition_key", "register", "route_many"]
+__all__ = [
+    "DEFAULT_PARTITIONS",
+    "check_key",
+    "murmur2",
+    "partition_for",
+    "partition_key",
+    "route_many",
+]
 
 DEFAULT_PARTITIONS = 12
 
@@ -53,37 +58,14 @@ def route_many(routing_keys: Sequence[str], num_partitions: int) -> tuple[list[s
     return result
 
 
-def register(subparsers: Any) -> None:
-    """Add ``spr route [--partitions N] ENTITY_TYPE:ENTITY_ID ...`` to the command line."""
-    parser = subparsers.add_parser(
-        "route",
-        help="print the Kafka key and partition of entities",
-        description="Print routing_key<TAB>partition_key<TAB>partition for each "
-        "ENTITY_TYPE:ENTITY_ID, as Kafka's Java client and spr's producer place it.",
-    )
-    parser.add_argument(
-        "--partitions",
-        type=int,
-        default=DEFAULT_PARTITIONS,
-        metavar="N",
-        help=f"number of partitions of the topic (default {DEFAULT_PARTITIONS})",
-    )
-    parser.add_argument("routing_keys", nargs="+", metavar="ENTITY_TYPE:ENTITY_ID")
-    parser.set_defaults(func=_route_command)
+def check_key(message_key: bytes | str | None, event: Event) -> None:
+    """Check that a message's Kafka key is the partition key of the entity in its value.
 
-
-def _route_command(args: argparse.Namespace) -> int:
-    num_partitions: int = args.partitions
-    if not 1 <= num_partitions <= 2**31 - 1:
-        raise ConfigError(f"--partitions must be between 1 and 2147483647, got {num_partitions}")
-    routing_keys: list[str] = args.routing_keys
-    for routing_key in routing_keys:
-        entity_type, sep, entity_id = routing_key.partition(":")
-        if not sep or not entity_type or not entity_id:
-            raise ConfigError(
-                f"{routing_key!r} is not a routing key; expected ENTITY_TYPE:ENTITY_ID"
-            )
-    keys, partitions = route_many(routing_keys, num_partitions)
-    for routing_key, key, partition in zip(routing_keys, keys, partitions, strict=True):
-        print(f"{routing_key}\t{key}\t{partition}")
-    return 0
+    A key that names another entity means the event was routed by something else and
+    may sit on the wrong partition, where its order relative to the entity's other
+    events is lost; applying it could move state backwards. Raises
+    :class:`spr.errors.InvalidEvent` on a mismatch and on a missing key (design §3 makes
+    the partition key the message key). The engine applies the same rule inside
+    ``Batch.ingest``.
+    """
+    core.check_key(message_key, event)

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from spr.devstack import DEFAULT_BOOTSTRAP, DEFAULT_DSN, DevStack
+from spr.dev.stack import DEFAULT_BOOTSTRAP, DEFAULT_DSN, DevStack
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -17,7 +17,7 @@ from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from psycopg import sql
 
-from spr.loadgen import LoadSpec, Manifest, generate, produce
+from spr.dev.loadgen import LoadSpec, Manifest, generate, produce
 from spr.routing import partition_key
 
 # Short group timeouts so that a killed member's partitions move within seconds.

@@ -30,7 +30,7 @@ from helpers import (
 )
 from psycopg import sql
 
-from spr.loadgen import LoadSpec
+from spr.dev.loadgen import LoadSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -179,7 +179,7 @@ def test_bad_setups_fail_fast_with_one_sentence(
     topic = make_topic(partitions=1)
     cases = [
         (["--topic", topic, "--group", "g", "--bootstrap", "127.0.0.1:1", "--dsn", dsn,
-          "--auto-create-schema", "--table", unique_name("t")], "cannot reach Kafka"),
+          "--auto-create-schema", "--table", unique_name("t")], "not reachable at 127.0.0.1:1"),
         (["--topic", topic, "--group", "g", "--dsn", "postgresql://u:hunter2@127.0.0.1:1/x"],
          "cannot connect to PostgreSQL"),
         (["--topic", "no-such-topic-xyz", "--group", "g", "--dsn", dsn, "--auto-create-schema",
@@ -203,16 +203,22 @@ def test_bad_setups_fail_fast_with_one_sentence(
 def test_embed_example(
     bootstrap: str, dsn: str, make_topic: Callable[..., str], unique_name: Callable[[str], str],
 ) -> None:  # fmt: skip
+    from spr.dlq import summarize
+
     topic = make_topic(partitions=3)
     spec = LoadSpec(count=2_000, entities=200, seed=6, duplicates=0.1, stale=0.1)
     produce_load(bootstrap, topic, spec)
+    # Invalid events are dead-lettered, never skipped silently.
+    produce_raw(bootstrap, topic, [b"not json", b'{"entity_type": "order"}', b"[]"])
     table, group = unique_name("embed"), unique_name("g")
     argv = [sys.executable, str(ROOT / "examples" / "embed_sink.py"), "--bootstrap", bootstrap,
             "--dsn", dsn, "--topic", topic, "--group", group, "--table", table]  # fmt: skip
     first = run_to_idle(argv)
-    assert "2000 message(s)" in first.stdout
+    assert "took 2003 message(s)" in first.stdout
     assert_exact(dsn=dsn, bootstrap=bootstrap, table=table, group=group, topics=[topic],
                  expected=expected_for(spec))  # fmt: skip
+    letters = summarize(bootstrap=bootstrap, source_topic=topic)
+    assert letters.total == 3 and dict(letters.by_class) == {"invalid": 3}
     # Restarting resumes from the database offsets: nothing is read twice.
     again = run_to_idle(argv)
-    assert "0 message(s)" in again.stdout
+    assert "took 0 message(s)" in again.stdout

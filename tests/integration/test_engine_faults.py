@@ -39,9 +39,9 @@ from psycopg import sql
 from spr.batch import STATE_COLUMNS, Batch
 from spr.config import BackpressurePolicy, BatchPolicy, EngineConfig, TableMapping
 from spr.decode import decode_batch
-from spr.devstack import DevStack
+from spr.dev.loadgen import LoadSpec
+from spr.dev.stack import DevStack
 from spr.engine import Engine
-from spr.loadgen import LoadSpec
 from spr.sink import PostgresSink
 
 Names = Callable[[str], str]

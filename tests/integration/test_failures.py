@@ -40,9 +40,9 @@ from helpers import (
 )
 from psycopg import sql
 
-from spr.devstack import PG_PORT, DevStack
+from spr.dev.loadgen import LoadSpec
+from spr.dev.stack import PG_PORT, DevStack
 from spr.dlq import DeadLetter, read_dead_letters
-from spr.loadgen import LoadSpec
 from spr.testing.poison import CORPUS, evaluate, key_of, valid_event
 
 Names = Callable[[str], str]

@@ -25,7 +25,7 @@ import confluent_kafka
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from spr.devstack import kafka_libs
+from spr.dev.stack import kafka_libs
 from spr.producer import Producer
 from spr.routing import partition_for, partition_key
 

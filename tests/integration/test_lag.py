@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from confluent_kafka import Producer
 
-from spr.lag import KafkaOps
+from spr.kafka.admin import KafkaAdmin
 
 RETENTION_MS = 3_600_000
 AGE_MS = 1_800_000  # the oldest unread message is half the retention window old
@@ -38,7 +38,7 @@ def test_lag_reports_messages_and_retention_and_gates_scripts(
     group = f"lag-{uuid.uuid4().hex[:8]}"
     # The engine commits to Kafka after each database transaction; do the same by hand:
     # partition 0 is read up to offset 10, partition 1 was never read.
-    KafkaOps(bootstrap).commit_group_offsets(group, {(topic, 0): 10})
+    KafkaAdmin.for_bootstrap(bootstrap).commit_group_offsets(group, {(topic, 0): 10})
 
     out = _spr("lag", "--group", group, "--topic", topic, "--json", bootstrap=bootstrap)
     assert out.returncode == 0, out.stderr
@@ -80,4 +80,4 @@ def test_lag_errors_are_one_sentence(bootstrap: str) -> None:
     )
     out = _spr("lag", "--group", group, "--topic", "no-such-topic-x", bootstrap=bootstrap)
     assert out.returncode == 2
-    assert out.stderr == "spr lag: topic no-such-topic-x does not exist\n"
+    assert out.stderr == f"spr lag: topic no-such-topic-x does not exist on {bootstrap}\n"

@@ -16,7 +16,7 @@ from psycopg import sql
 from spr.batch import COLUMN_TYPES, STATE_COLUMNS, Batch
 from spr.classify import ErrorClass, classify, error_reason
 from spr.decode import Event, decode_event
-from spr.isolate import isolate_poison
+from spr.sink.isolate import isolate_poison
 from spr.testing.poison import CORPUS, PoisonCase, evaluate, key_of, valid_event
 
 DECODABLE = [case for case in CORPUS if case.expected in (None, ErrorClass.DATA)]

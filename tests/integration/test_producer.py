@@ -23,8 +23,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from spr.decode import decode_event
+from spr.dev.loadgen import LoadSpec, produce
 from spr.errors import ConfigError, ProducerError, ServerUnavailable
-from spr.loadgen import LoadSpec, produce
 from spr.producer import Producer
 from spr.routing import partition_for, partition_key
 

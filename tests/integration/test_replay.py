@@ -22,7 +22,7 @@ import psycopg
 from confluent_kafka import Consumer, Producer
 from psycopg import sql
 
-from spr.lag import KafkaOps
+from spr.kafka.admin import KafkaAdmin
 from spr.producer import Producer as SprProducer
 
 Pg = psycopg.Connection[tuple[Any, ...]]
@@ -46,7 +46,11 @@ def _stored(pg: Pg, group: str, topic: str) -> dict[int, int]:
 
 
 def _kafka(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    return {p: o for (t, p), o in KafkaOps(bootstrap).group_offsets(group).items() if t == topic}
+    return {
+        p: o
+        for (t, p), o in KafkaAdmin.for_bootstrap(bootstrap).group_offsets(group).items()
+        if t == topic
+    }
 
 
 def _fill(bootstrap: str, topic: str, partitions: int, per_partition: int, base_ms: int) -> None:
@@ -73,7 +77,9 @@ def _set_positions(pg: Pg, bootstrap: str, group: str, topic: str, offsets: dict
             "VALUES (%s, %s, %s, %s)",
             (group, topic, partition, offset),
         )
-    KafkaOps(bootstrap).commit_group_offsets(group, {(topic, p): o for p, o in offsets.items()})
+    KafkaAdmin.for_bootstrap(bootstrap).commit_group_offsets(
+        group, {(topic, p): o for p, o in offsets.items()}
+    )
 
 
 def test_rewind_moves_database_and_kafka_offsets_back_together(

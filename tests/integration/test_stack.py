@@ -12,7 +12,7 @@ import psycopg
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from spr.devstack import DevStack
+from spr.dev.stack import DevStack
 
 
 def test_status_json_reports_both_servers_running(stack: DevStack) -> None:

@@ -8,11 +8,9 @@ from types import ModuleType
 import pytest
 
 from spr import _core_py
+from spr._impl import compiled_core
 
-try:
-    from spr import _core as _compiled  # type: ignore[attr-defined, unused-ignore]
-except ImportError:  # pragma: no cover - the pure twin alone still gets tested
-    _compiled = None
+_compiled = compiled_core()
 
 IMPLEMENTATIONS = [pytest.param(_core_py, id="python")]
 if _compiled is not None:

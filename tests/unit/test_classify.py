@@ -10,7 +10,6 @@ from confluent_kafka.error import ConsumeError
 
 from spr.classify import (
     ErrorClass,
-    check_key,
     classify,
     classify_kafka_error,
     classify_sqlstate,
@@ -25,7 +24,6 @@ from spr.errors import (
     SprError,
     ToolMissing,
 )
-from spr.routing import partition_key
 
 INVALID, TRANSIENT, DATA, FATAL = (
     ErrorClass.INVALID,
@@ -232,34 +230,3 @@ def test_error_reason_is_one_bounded_line() -> None:
     assert error_reason(KafkaException(kafka)) == "Kafka _TRANSPORT: connection refused"
     long = error_reason(ValueError("x" * 10_000), limit=50)
     assert len(long) == 50 and long.startswith("ValueError: xxx") and long.endswith("…")
-
-
-def _event(entity_id: str = "o-1") -> bytes:
-    return b'{"entity_type":"order","entity_id":"%s","state":"paid"}' % entity_id.encode()
-
-
-def test_check_key_accepts_the_partition_key() -> None:
-    event = decode_event(_event(), offset=3, timestamp_ms=0)
-    key = partition_key("order:o-1")
-    check_key(key.encode(), event)
-    check_key(key, event)
-    check_key(None, event, require_key=False)
-
-
-@pytest.mark.parametrize(
-    ("key", "fragment"),
-    [
-        (partition_key("order:o-2").encode(), "does not match entity order:o-1"),
-        (b"order:o-1", "does not match entity order:o-1"),
-        (partition_key("order:o-1").upper().encode(), "does not match"),
-        (b"\xff\xfe", "does not match"),
-        (None, "has no key"),
-    ],
-)
-def test_check_key_rejects_other_keys(key: bytes | None, fragment: str) -> None:
-    event = decode_event(_event(), offset=3, timestamp_ms=0)
-    with pytest.raises(InvalidEvent) as caught:
-        check_key(key, event)
-    assert fragment in caught.value.reason
-    assert partition_key("order:o-1") in caught.value.reason
-    assert classify(caught.value) is INVALID

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import spr
-from spr import devstack
 from spr.cli import main
+from spr.dev import stack as devstack
 from spr.errors import ToolMissing
 
 

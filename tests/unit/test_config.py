@@ -19,7 +19,7 @@ from spr.config import (
     merge_kafka_config,
     uses_cooperative_rebalance,
 )
-from spr.devstack import DEFAULT_BOOTSTRAP, DEFAULT_DSN
+from spr.config.defaults import DEFAULT_BOOTSTRAP, DEFAULT_DSN
 from spr.errors import ConfigError
 from spr.sink.postgres import redact_dsn
 

@@ -126,7 +126,7 @@ def test_topic_creation_uses_the_writers_connection_settings_and_wraps_any_error
 ) -> None:
     import concurrent.futures
 
-    import spr.dlq
+    import spr.dlq.writer
     from spr.dlq import DeadLetterWriter, InvalidEventSink
     from spr.errors import DeadLetterUnavailable
 
@@ -139,7 +139,7 @@ def test_topic_creation_uses_the_writers_connection_settings_and_wraps_any_error
         def create_topics(self, topics: list[object], **kw: object) -> dict[str, _Future]:
             return {"t.dlq": _Future(concurrent.futures.TimeoutError())}
 
-    monkeypatch.setattr(spr.dlq, "AdminClient", FakeAdmin)
+    monkeypatch.setattr(spr.dlq.writer, "AdminClient", FakeAdmin)
     connection = {
         "security.protocol": "SASL_PLAINTEXT",
         "sasl.mechanism": "PLAIN",

@@ -279,17 +279,16 @@ def _rollback_script(sink: FakeSink) -> list[Any]:
 def test_a_rollback_rewinds_a_latest_partition_to_where_it_started(end_known: bool) -> None:
     sink = FakeSink(stored={("t", 1): 0})
     sink.block.clear()
-    engine, consumer = make_engine(
-        _rollback_script(sink), sink, batch=BatchPolicy(max_rows=1), revoke_budget_ms=300,
-        kafka={"auto.offset.reset": "latest"},
-    )  # fmt: skip
 
     def watermarks(keys: Any, latest: bool) -> dict[tuple[str, int], int]:
         if not end_known:
             raise RuntimeError("no answer")
         return {key: 50 for key in keys} if latest else {}
 
-    engine._watermarks = watermarks  # type: ignore[method-assign]
+    engine, consumer = make_engine(
+        _rollback_script(sink), sink, batch=BatchPolicy(max_rows=1), revoke_budget_ms=300,
+        kafka={"auto.offset.reset": "latest"}, watermarks=watermarks,
+    )  # fmt: skip
     engine.run()
     seeks = [s for s in consumer.seeks if s[:2] == ("t", 0)]
     assert seeks and all(offset == 50 for _, _, offset in seeks)  # never -1 (OFFSET_END)
@@ -369,8 +368,8 @@ def _gap_script() -> list[Any]:
 
 def test_a_mid_run_retention_gap_stops_by_default() -> None:
     sink = GapSink()
-    engine, consumer = make_engine(_gap_script(), sink, batch=BatchPolicy(max_rows=100))
-    engine._watermarks = lambda keys, latest: {k: 10 for k in keys}  # type: ignore[method-assign]
+    engine, consumer = make_engine(_gap_script(), sink, batch=BatchPolicy(max_rows=100),
+                                   watermarks=lambda keys, latest: {k: 10 for k in keys})  # fmt: skip
     with pytest.raises(ConfigError, match=r"t\[0\].*7 event\(s\) were deleted by retention"):
         engine.run()
     assert sink.stored == {} and consumer.commits == [] and sink.gaps == []
@@ -379,8 +378,8 @@ def test_a_mid_run_retention_gap_stops_by_default() -> None:
 def test_a_mid_run_retention_gap_is_skipped_recorded_and_counted_when_allowed() -> None:
     sink = GapSink()
     engine, consumer = make_engine(_gap_script(), sink, batch=BatchPolicy(max_rows=100),
-                                   on_offset_gap="earliest")  # fmt: skip
-    engine._watermarks = lambda keys, latest: {k: 10 for k in keys}  # type: ignore[method-assign]
+                                   on_offset_gap="earliest",
+                                   watermarks=lambda keys, latest: {k: 10 for k in keys})  # fmt: skip
     reassigned: list[Any] = []
     original = consumer.incremental_assign
 
@@ -442,9 +441,9 @@ def test_an_unreadable_record_without_dead_letters_stops_with_nothing_committed(
 def test_a_flush_stuck_past_the_statement_timeout_stops_the_engine(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import spr.engine
+    import spr.engine.flushing
 
-    monkeypatch.setattr(spr.engine, "_FLUSH_WATCHDOG_MARGIN_S", 0.2)
+    monkeypatch.setattr(spr.engine.flushing, "FLUSH_WATCHDOG_MARGIN_S", 0.2)
     sink = FakeSink()
     sink.block.clear()  # the flush never answers (a dead connection)
     threading.Timer(1.5, sink.block.set).start()  # ... until the test is over
@@ -457,11 +456,15 @@ def test_a_flush_stuck_past_the_statement_timeout_stops_the_engine(
     assert time.monotonic() - started < 5 and consumer.commits == []
 
 
-def test_a_flush_unfinished_at_shutdown_is_an_error_not_exit_0() -> None:
+def test_a_flush_unfinished_at_shutdown_is_an_error_not_exit_0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from spr.engine import StatePipeline
+
     sink = FakeSink()
     script = [assign(("t", 0)), [ev("t", 0, 0, "a", 1)]]
     engine, consumer = make_engine(script, sink, batch=BatchPolicy(max_rows=100))
-    engine._drain = lambda budget_s: False  # type: ignore[method-assign]
+    monkeypatch.setattr(StatePipeline, "join", lambda self, timeout_s: False)
     with pytest.raises(FlushFailed, match=r"did not finish .* at shutdown"):
         engine.run()
     assert consumer.commits == []

@@ -154,15 +154,35 @@ class FakeSink:
                            stale=batch.row_count - applied, offsets=offsets)  # fmt: skip
 
 
-def make_engine(script: list[Any], sink: FakeSink, **overrides: Any) -> tuple[Engine, FakeConsumer]:
+class FakeAdmin:
+    """Answers offset look-ups as ``watermarks(keys, latest)`` says; no server."""
+
+    def __init__(self, watermarks: Callable[[Any, bool], dict[tuple[str, int], int]]) -> None:
+        self.watermarks = watermarks
+
+    def end_offsets(self, keys: Any, *, committed_only: bool = False) -> Any:
+        return self.watermarks(keys, True)
+
+    def log_start_offsets(self, keys: Any) -> Any:
+        return self.watermarks(keys, False)
+
+
+def make_engine(
+    script: list[Any],
+    sink: FakeSink,
+    *,
+    watermarks: Callable[[Any, bool], dict[tuple[str, int], int]] = lambda keys, latest: {},
+    **overrides: Any,
+) -> tuple[Engine, FakeConsumer]:
     ref: list[Engine] = []
     consumer = FakeConsumer(script, ref)
     config = EngineConfig(
         group_id="g", topics=("t",), batch=overrides.pop("batch", BatchPolicy(max_rows=3)),
         **overrides,
     )  # fmt: skip
-    engine = Engine(config, consumer_factory=lambda conf: consumer, sink_factory=lambda: sink)
-    engine._watermarks = lambda keys, latest: {}  # type: ignore[method-assign]
+    admin = FakeAdmin(watermarks)
+    engine = Engine(config, consumer_factory=lambda conf: consumer, sink_factory=lambda: sink,
+                    admin_factory=lambda conf: admin)  # type: ignore[arg-type]  # fmt: skip
     ref.append(engine)
     return engine, consumer
 

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spr import _core_py
-from spr.classify import check_key
 from spr.decode import decode_event
 from spr.errors import InvalidEvent
 from spr.routing import partition_key
@@ -120,7 +119,7 @@ def test_key_reasons_are_check_keys(core: ModuleType) -> None:
     event = decode_event(body("a", 1), offset=0, timestamp_ms=0)
     for message_key in (None, b"0123456789abcdef", "wrong", key("b"), b"\xff" * 50):
         with pytest.raises(InvalidEvent) as expected:
-            check_key(message_key, event)
+            core.check_key(message_key, event)
         result = core.Batch().ingest(
             [msg(0, "a", 1, key=message_key)], core.IdempotencyRing(16, 1000), 0
         )

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spr.isolate import isolate_poison
+from spr.sink.isolate import isolate_poison
 
 
 class Table:

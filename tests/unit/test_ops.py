@@ -8,9 +8,9 @@ import pytest
 
 from spr.cli import main
 from spr.errors import ConfigError
-from spr.lag import LagReport, PartitionLag
-from spr.plan import Measurement, plan_partitions
-from spr.replay import derived_group, parse_timestamp_ms, rewind
+from spr.ops.lag import LagReport, PartitionLag
+from spr.ops.plan import Measurement, plan_partitions
+from spr.ops.replay import derived_group, parse_timestamp_ms, rewind
 
 
 @pytest.mark.parametrize(

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from spr.cli.options import parse_kafka_overrides
 from spr.decode import Event, decode_event
-from spr.errors import ConfigError, InvalidEvent
-from spr.loadgen import (
+from spr.dev.loadgen import (
     STATES,
     LoadSpec,
     Manifest,
-    _parse_overrides,
     expected_state,
     generate,
 )
+from spr.errors import ConfigError, InvalidEvent
 from spr.producer import (
     PRODUCER_DEFAULTS,
     _event_value,
@@ -79,9 +79,9 @@ def test_reserved_callback_keys_are_refused(key: str) -> None:
 
 
 def test_cli_overrides_parse_key_value() -> None:
-    assert _parse_overrides(["linger.ms=20", " acks = 1 "]) == {"linger.ms": "20", "acks": "1"}
+    assert parse_kafka_overrides(["linger.ms=20", " acks = 1 "]) == {"linger.ms": "20", "acks": "1"}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        _parse_overrides(["linger.ms"])
+        parse_kafka_overrides(["linger.ms"])
 
 
 # ------------------------------------------------------------------ event encoding

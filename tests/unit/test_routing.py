@@ -9,7 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spr import _core_py, routing
+from spr.classify import ErrorClass, classify
 from spr.cli import main
+from spr.decode import decode_event
+from spr.errors import InvalidEvent
+from spr.routing import check_key, partition_key
 
 # Kafka's own test vectors for Utils.murmur2 (clients/src/test/.../UtilsTest.java).
 JAVA_VECTORS = {
@@ -121,3 +125,37 @@ def test_route_command_rejects_bad_key(bad: str, capsys: pytest.CaptureFixture[s
 def test_route_command_rejects_bad_partitions(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["route", "--partitions", "0", "a:b"]) == 2
     assert "--partitions" in capsys.readouterr().err
+
+
+# -- the key check (design §3), one rule in each implementation ---------------------------
+
+
+def _event(entity_id: str = "o-1") -> bytes:
+    return b'{"entity_type":"order","entity_id":"%s","state":"paid"}' % entity_id.encode()
+
+
+def test_check_key_accepts_the_partition_key(core: ModuleType) -> None:
+    event = decode_event(_event(), offset=3, timestamp_ms=0)
+    key = partition_key("order:o-1")
+    core.check_key(key.encode(), event)
+    core.check_key(key, event)
+    check_key(key, event)
+
+
+@pytest.mark.parametrize(
+    ("key", "fragment"),
+    [
+        (partition_key("order:o-2").encode(), "does not match entity order:o-1"),
+        (b"order:o-1", "does not match entity order:o-1"),
+        (partition_key("order:o-1").upper().encode(), "does not match"),
+        (b"\xff\xfe", "does not match"),
+        (None, "has no key"),
+    ],
+)
+def test_check_key_rejects_other_keys(core: ModuleType, key: bytes | None, fragment: str) -> None:
+    event = decode_event(_event(), offset=3, timestamp_ms=0)
+    with pytest.raises(InvalidEvent) as caught:
+        core.check_key(key, event)
+    assert fragment in caught.value.reason
+    assert partition_key("order:o-1") in caught.value.reason
+    assert classify(caught.value) is ErrorClass.INVALID

@@ -15,7 +15,7 @@ import json
 import time
 from typing import Any
 
-from spr.bench.worker import Recorder
+from spr.bench.recorder import Recorder
 
 __all__ = ["run"]
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from spr.bench.worker import Recorder
+from spr.bench.recorder import Recorder
 
 __all__ = ["run"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from spr.bench.worker import Recorder
+from spr.bench.recorder import Recorder
 
 __all__ = ["run_copy_merge", "run_raw_consume"]
 

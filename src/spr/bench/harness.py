@@ -21,327 +21,25 @@ Measurement rules, the same for every contender:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from spr.bench import report
+from spr.bench.options import CONTENDERS, SKIPPABLE, BenchOptions, Progress
 from spr.bench.verify import Verification, compare, expected_from_topic, fetch_rows
-from spr.errors import ConfigError, ServerUnavailable
+from spr.bench.workspace import Child, Workspace, broker_timestamps, watermarks
+from spr.errors import ServerUnavailable
 
-__all__ = ["CONTENDERS", "SKIPPABLE", "BenchOptions", "run_bench"]
-
-#: Contenders in the order they run and appear in the report.
-CONTENDERS = ("raw_consume", "spr", "copy_merge", "arroyo", "quix", "antipattern")
-#: Names accepted by ``--skip`` (``ceilings`` means both ceilings).
-SKIPPABLE = ("raw_consume", "copy_merge", "ceilings", "arroyo", "quix", "antipattern", "latency")
-
-Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True, kw_only=True)
-class BenchOptions:
-    """What to run. Frozen and validated on construction (raises ConfigError).
-
-    ``latency_only`` runs just the latency mode at ``latency_rate`` events/s for
-    ``latency_seconds`` (``spr bench --rate R``); otherwise the full comparison runs,
-    followed by the latency phase unless ``"latency"`` is in ``skip``.
-    """
-
-    bootstrap: str
-    dsn: str
-    events: int = 1_000_000
-    entities: int = 100_000
-    partitions: int = 12
-    duplicates: float = 0.05
-    stale: float = 0.02
-    value_size: int = 200
-    seed: int = 0
-    workers: int = 1
-    skip: frozenset[str] = frozenset()
-    latency_only: bool = False
-    latency_rate: float = 10_000.0
-    latency_seconds: float = 10.0
-    antipattern_events: int = 10_000
-    batch_max_rows: int | None = None
-    batch_max_age_ms: int | None = None
-    keep: bool = False
-    contender_timeout_s: float | None = None
-    quix_build_timeout_s: float = 600.0
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("events", "entities", "partitions", "workers", "antipattern_events"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.latency_rate <= 0 or self.latency_seconds <= 0:
-            raise ConfigError("the latency rate and duration must be positive")
-        unknown = set(self.skip) - set(SKIPPABLE)
-        if unknown:
-            raise ConfigError(
-                f"cannot skip {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}"
-            )
-        for name in ("batch_max_rows", "batch_max_age_ms"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be positive, got {value}")
-
-    def skips(self, name: str) -> bool:
-        if name in self.skip:
-            return True
-        return name in ("raw_consume", "copy_merge") and "ceilings" in self.skip
-
-    @property
-    def batch(self) -> dict[str, int]:
-        batch: dict[str, int] = {}
-        if self.batch_max_rows is not None:
-            batch["max_rows"] = self.batch_max_rows
-        if self.batch_max_age_ms is not None:
-            batch["max_age_ms"] = self.batch_max_age_ms
-        return batch
-
-    @property
-    def max_rows(self) -> int:
-        from spr.config import BatchPolicy
-
-        return self.batch_max_rows or BatchPolicy().max_rows
-
-
-# ------------------------------------------------------------------------ processes
-
-
-def _rss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class _Child:
-    """One contender process: its result file, and an RSS sampler thread."""
-
-    def __init__(self, argv: list[str], out: Path, log: Path) -> None:
-        self.out = out
-        self.log = log
-        self.peak_sampled = 0
-        with open(log, "wb") as stderr:
-            self.process = subprocess.Popen(argv, stdout=stderr, stderr=stderr)
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
-
-    def _sample(self) -> None:
-        while self.process.poll() is None:
-            rss = _rss_bytes(self.process.pid)
-            if rss is not None and rss > self.peak_sampled:
-                self.peak_sampled = rss
-            time.sleep(0.2)
-
-    def wait(self, timeout_s: float) -> dict[str, Any]:
-        """The process's result; kills it after ``timeout_s`` (result then says so)."""
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            if not self.out.exists():
-                return {"error": f"timed out after {timeout_s:.0f} s", "log": self.tail()}
-        self._sampler.join(timeout=1.0)
-        if not self.out.exists():
-            return {
-                "error": f"exited {self.process.returncode} without a result",
-                "log": self.tail(),
-            }
-        result: dict[str, Any] = json.loads(self.out.read_text())
-        if "error" in result:
-            result["log"] = self.tail()
-        result["rss_sampled_bytes"] = self.peak_sampled
-        return result
-
-    def tail(self, lines: int = 8) -> str:
-        try:
-            text = self.log.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
-
-
-class _Workspace:
-    """Names, temporary files and the clean-up of one bench run."""
-
-    def __init__(self, options: BenchOptions, progress: Progress) -> None:
-        self.options = options
-        self.progress = progress
-        self.run_id = f"{time.strftime('%H%M%S')}_{uuid.uuid4().hex[:6]}"
-        self.tmp = Path(tempfile.mkdtemp(prefix="spr-bench-"))
-        self.topics: list[str] = []
-        self.tables: list[str] = []
-        self.groups: list[str] = []
-        self.offsets_table = self.name("offsets")
-        self.tables.append(self.offsets_table)
-        from spr.config import TableMapping
-
-        self.tables.append(TableMapping(table="_", offsets_table=self.offsets_table).gaps_table)
-        self._admin: Any = None
-
-    def name(self, what: str) -> str:
-        return f"spr_bench_{self.run_id}_{what}"
-
-    def group(self, what: str) -> str:
-        group = self.name(what)
-        self.groups.append(group)
-        return group
-
-    def table(self, what: str) -> str:
-        table = self.name(what)
-        self.tables.append(table)
-        return table
-
-    @property
-    def admin(self) -> Any:
-        if self._admin is None:
-            from confluent_kafka.admin import AdminClient
-
-            self._admin = AdminClient({"bootstrap.servers": self.options.bootstrap})
-        return self._admin
-
-    def create_topic(self, what: str, config: dict[str, str] | None = None) -> str:
-        from confluent_kafka import KafkaException
-        from confluent_kafka.cimpl import NewTopic
-
-        topic = self.name(what)
-        futures = self.admin.create_topics(
-            [NewTopic(topic, num_partitions=self.options.partitions, config=config or {})],
-            operation_timeout=30,
-        )
-        try:
-            futures[topic].result(timeout=30)
-        except KafkaException as exc:
-            raise ServerUnavailable(f"cannot create topic {topic}: {exc}") from None
-        self.topics.append(topic)
-        from spr.loadgen import ensure_topic
-
-        ensure_topic(self.options.bootstrap, topic, self.options.partitions)
-        return topic
-
-    def launch(self, kind: str, label: str, **kwargs: Any) -> _Child:
-        args = self.tmp / f"{label}.args.json"
-        args.write_text(json.dumps(kwargs))
-        out = self.tmp / f"{label}.result.json"
-        argv = [sys.executable, "-m", "spr.bench.worker", kind, str(args), str(out)]
-        return _Child(argv, out, self.tmp / f"{label}.log")
-
-    def create_state_table(self, what: str) -> str:
-        from spr.config import TableMapping
-        from spr.sink.postgres import PostgresSink
-
-        table = self.table(what)
-        mapping = TableMapping(table=table, offsets_table=self.offsets_table)
-        with PostgresSink(self.options.dsn, mapping=mapping) as sink:
-            sink.init_schema()
-        return table
-
-    def drop_table(self, table: str) -> None:
-        if self.options.keep:
-            return
-        import psycopg
-        from psycopg import sql
-
-        try:
-            with psycopg.connect(self.options.dsn, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
-        except psycopg.Error as exc:
-            self.progress(f"could not drop table {table}: {exc}")
-
-    def cleanup(self) -> None:
-        if self.options.keep:
-            self.progress(f"kept topics {self.topics}, tables {self.tables}, files {self.tmp}")
-            return
-        for table in self.tables:
-            self.drop_table(table)
-        try:
-            if self.topics:
-                for future in self.admin.delete_topics(self.topics, operation_timeout=30).values():
-                    future.result(timeout=30)
-            if self.groups:
-                futures = self.admin.delete_consumer_groups(self.groups, request_timeout=10)
-                for future in futures.values():
-                    # A group that never committed does not exist.
-                    with contextlib.suppress(Exception):
-                        future.result(timeout=10)
-        except Exception as exc:
-            self.progress(f"clean-up of topics/groups incomplete: {exc}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _watermarks(
-    bootstrap: str, topic: str, partitions: int
-) -> tuple[dict[int, int], dict[int, int]]:
-    """(low, high) watermark offsets of every partition of ``topic``."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "spr-bench-watermarks"})
-    try:
-        low: dict[int, int] = {}
-        high: dict[int, int] = {}
-        for p in range(partitions):
-            lo, hi = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            low[p], high[p] = int(lo), int(hi)
-        return low, high
-    finally:
-        consumer.close()
-
-
-def _broker_timestamps(
-    bootstrap: str, topic: str, low: Mapping[int, int], high: Mapping[int, int]
-) -> dict[int, list[int]]:
-    """Every message's broker timestamp, per partition, indexed by offset - low."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    stamps: dict[int, list[int]] = {p: [] for p in low}
-    remaining = {p for p in low if high[p] > low[p]}
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "spr-bench-timestamps",
-         "enable.auto.commit": "false"}
-    )  # fmt: skip
-    consumer.assign([TopicPartition(topic, p, low[p]) for p in remaining])
-    deadline = time.monotonic() + 120
-    try:
-        while remaining and time.monotonic() < deadline:
-            messages: list[Any] = consumer.consume(10_000, 0.5)
-            for m in messages:
-                if m.error() is not None:
-                    continue
-                p = m.partition()
-                stamps[p].append(m.timestamp()[1])
-                if m.offset() + 1 >= high[p]:
-                    remaining.discard(p)
-    finally:
-        consumer.close()
-    return stamps
-
-
-# ------------------------------------------------------------------------ contenders
+__all__ = ["CONTENDERS", "SKIPPABLE", "BenchOptions", "run_bench", "write_json"]
 
 
 def _judge(
-    ws: _Workspace,
+    ws: Workspace,
     result: Mapping[str, Any],
     expected: Mapping[str, Any],
     table: str,
@@ -408,13 +106,13 @@ def _stored_offsets(dsn: str, table: str, group: str) -> dict[int, int]:
 
 
 def _run_spr(
-    ws: _Workspace,
+    ws: Workspace,
     topic: str,
     label: str,
     *,
     idle_exit_s: float,
     ready: bool = False,
-) -> tuple[list[_Child], str, str, list[Path]]:
+) -> tuple[list[Child], str, str, list[Path]]:
     options = ws.options
     group = ws.group(label)
     table = ws.table(label)
@@ -442,8 +140,8 @@ def _run_spr(
 
 
 def _collect_spr(
-    ws: _Workspace,
-    children: list[_Child],
+    ws: Workspace,
+    children: list[Child],
     timeout_s: float,
     *,
     low: Mapping[int, int],
@@ -508,7 +206,7 @@ def _collect_spr(
     return entry, records, timeline, first_s
 
 
-def _ensure_quix(ws: _Workspace) -> tuple[Path | None, str]:
+def _ensure_quix(ws: Workspace) -> tuple[Path | None, str]:
     from spr.bench import quix
 
     try:
@@ -523,7 +221,7 @@ def _ensure_quix(ws: _Workspace) -> tuple[Path | None, str]:
 
 
 def _run_quix(
-    ws: _Workspace, python: Path, topic: str, total: int, timeout_s: float
+    ws: Workspace, python: Path, topic: str, total: int, timeout_s: float
 ) -> tuple[dict[str, Any], str]:
     from psycopg.conninfo import conninfo_to_dict
 
@@ -549,7 +247,7 @@ def _run_quix(
     args_path = ws.tmp / "quix.args.json"
     args_path.write_text(json.dumps(args))
     out = ws.tmp / "quix.result.json"
-    child = _Child([str(python), str(script), str(args_path), str(out)], out, ws.tmp / "quix.log")
+    child = Child([str(python), str(script), str(args_path), str(out)], out, ws.tmp / "quix.log")
     return child.wait(timeout_s + 30), table
 
 
@@ -557,9 +255,9 @@ def _run_quix(
 
 
 def _latency_phase(
-    ws: _Workspace, rate: float, seconds: float
+    ws: Workspace, rate: float, seconds: float
 ) -> tuple[dict[str, Any], list[float], list[tuple[float, int]]]:
-    from spr.loadgen import LoadSpec, produce
+    from spr.dev.loadgen import LoadSpec, produce
 
     options = ws.options
     topic = ws.create_topic("latency", {"message.timestamp.type": "LogAppendTime"})
@@ -591,7 +289,7 @@ def _latency_phase(
         manifest_path=manifest,
     )
     expected = json.loads(manifest.read_text())["entities"]
-    low, high = _watermarks(options.bootstrap, topic, options.partitions)
+    low, high = watermarks(options.bootstrap, topic, options.partitions)
     entry, records, timeline, _ = _collect_spr(
         ws,
         children,
@@ -605,7 +303,7 @@ def _latency_phase(
     ws.drop_table(table)
     latencies: list[float] = []
     if records:
-        stamps = _broker_timestamps(options.bootstrap, topic, low, high)
+        stamps = broker_timestamps(options.bootstrap, topic, low, high)
         latencies = report.latencies_ms(records, stamps, low)
     summary = report.latency_summary(latencies)
     document = {
@@ -647,7 +345,7 @@ def run_bench(
     """
     say: Progress = progress or (lambda text: None)
     series = series if series is not None else {}
-    ws = _Workspace(options, say)
+    ws = Workspace(options, say)
     started = time.time()
     document: dict[str, Any] = {
         "spr_version": _version(),
@@ -685,8 +383,8 @@ def _version() -> str:
     return f"{__version__} ({IMPL})"
 
 
-def _compare(ws: _Workspace, document: dict[str, Any], series: dict[str, Any]) -> None:
-    from spr.loadgen import LoadSpec, produce
+def _compare(ws: Workspace, document: dict[str, Any], series: dict[str, Any]) -> None:
+    from spr.dev.loadgen import LoadSpec, produce
 
     options = ws.options
     topic = ws.create_topic("events")
@@ -712,7 +410,7 @@ def _compare(ws: _Workspace, document: dict[str, Any], series: dict[str, Any]) -
             f"{produced.errors:,} events could not be produced: {produced.first_error}"
         )
     expected = json.loads(manifest.read_text())["entities"]
-    low, high = _watermarks(options.bootstrap, topic, options.partitions)
+    low, high = watermarks(options.bootstrap, topic, options.partitions)
     total = sum(high[p] - low[p] for p in high)
     document["workload"] = {
         "topic": topic,

@@ -30,7 +30,7 @@ class VenvUnavailable(Exception):
 
 
 def venv_dir() -> Path:
-    from spr.devstack import cache_dir
+    from spr.dev.stack import cache_dir
 
     return cache_dir() / "bench-venvs" / "quix"
 

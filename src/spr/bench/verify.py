@@ -1,6 +1,6 @@
 """Checking a contender's table against the state the events must produce.
 
-The expected state comes from :func:`spr.loadgen.expected_state` (or the producer's
+The expected state comes from :func:`spr.dev.loadgen.expected_state` (or the producer's
 manifest): for every entity, the newest ``sequence`` with its ``state`` and ``event_id``.
 :func:`compare` sorts every discrepancy into one of three effects, each of which must be
 0 for a run to pass:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,9 @@ from spr._event import COLUMN_TYPES, STATE_COLUMNS
 from spr.classify import ErrorClass, classify
 from spr.config import DEFAULT_MAPPING, TableMapping
 from spr.errors import ConfigError, ServerUnavailable
-from spr.isolate import isolate_poison
+from spr.logs import redact
+from spr.sink.isolate import isolate_poison
+from spr.sink.schema import STAGING_TABLE, TableSchema
 
 if TYPE_CHECKING:
     from spr.config import EngineConfig
@@ -52,7 +53,6 @@ __all__ = [
 
 log = logging.getLogger("spr.sink")
 
-STAGING_TABLE = "spr_staging"
 _COPY_FORMATS = {"binary": sql.SQL("binary"), "text": sql.SQL("text"), "csv": sql.SQL("csv")}
 
 
@@ -131,19 +131,10 @@ def is_transient(exc: BaseException) -> bool:
     return classify(exc) is ErrorClass.TRANSIENT
 
 
-_PASSWORD_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
-_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
 def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ``***``, safe to print or log."""
-    dsn = _PASSWORD_URL.sub(r"\1***\3", dsn)
-    dsn = re.sub(r"([?&]password=)[^&]*", r"\1***", dsn, flags=re.IGNORECASE)
-    return _PASSWORD_KV.sub(r"\1***", dsn)
-
-
-def _qualified(schema: str | None, name: str) -> sql.Identifier:
-    return sql.Identifier(schema, name) if schema else sql.Identifier(name)
+    """The DSN with any password replaced by ``***``, safe to print or log
+    (:func:`spr.logs.redact`, the one redaction rule)."""
+    return redact(dsn)
 
 
 class PostgresSink:
@@ -177,11 +168,12 @@ class PostgresSink:
         self.application_name = application_name
         self._conn: psycopg.Connection[Any] | None = None
         self._conn_lock = threading.Lock()
-        self._table = _qualified(mapping.schema, mapping.table)
-        self._offsets = _qualified(mapping.schema, mapping.offsets_table)
-        self._gaps = _qualified(mapping.schema, mapping.gaps_table)
-        self._merge_sql = self._build_merge()
-        self._offsets_sql = self._build_offsets_upsert()
+        self.schema = TableSchema(mapping)
+        self._table = self.schema.table
+        self._offsets = self.schema.offsets
+        self._gaps = self.schema.gaps
+        self._merge_sql = self.schema.merge_statement()
+        self._offsets_sql = self.schema.offsets_upsert()
 
     # -- connection -------------------------------------------------------------------
 
@@ -293,99 +285,12 @@ class PostgresSink:
     # -- schema -----------------------------------------------------------------------
 
     def init_schema(self) -> None:
-        """Create the state and offsets tables, or fit an existing state table.
-
-        Idempotent. A missing table is created with every mapped column, the ``now``
-        columns (default ``now()``) and a primary key on the mapping's key. An existing
-        table (a user's own, like ``orders``) gains any mapped column it lacks, notably
-        the sequence column of the guard, and a unique index on the key when it has no
-        matching primary key or unique constraint. Blocks; raises on database errors.
-        """
-        mapping = self.mapping
-        conn = self.connect()
-        with conn.transaction():
-            if mapping.schema:
-                conn.execute(
-                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(mapping.schema))
-                )
-            # Serialise concurrent `spr db init` / auto-create runs.
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('spr.init_schema'))")
-            if self._regclass(conn, self._table) is None:
-                conn.execute(self._create_state_table())
-            else:
-                for target, _ in mapping.columns:
-                    conn.execute(
-                        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                            self._table,
-                            sql.Identifier(target),
-                            sql.SQL(mapping.column_type(target)),
-                        )
-                    )
-                for column in mapping.now_columns:
-                    conn.execute(
-                        sql.SQL(
-                            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} timestamptz DEFAULT now()"
-                        ).format(self._table, sql.Identifier(column))
-                    )
-                if not self._has_unique_key(conn):
-                    conn.execute(
-                        sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})").format(
-                            sql.Identifier(f"{mapping.table}_spr_key"),
-                            self._table,
-                            sql.SQL(", ").join(sql.Identifier(c) for c in mapping.key),
-                        )
-                    )
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} ("
-                    "group_id text NOT NULL, topic text NOT NULL, partition integer NOT NULL, "
-                    "next_offset bigint NOT NULL, updated_at timestamptz DEFAULT now(), "
-                    "PRIMARY KEY (group_id, topic, partition))"
-                ).format(self._offsets)
-            )
-            self._create_gaps_table(conn)
-
-    def _create_state_table(self) -> sql.Composed:
-        mapping = self.mapping
-        not_null = {"sequence", "state"}
-        parts: list[sql.Composable] = []
-        for target, source in mapping.columns:
-            nullable = " NOT NULL" if source in not_null or target in mapping.key else ""
-            parts.append(
-                sql.SQL("{} {}{}").format(
-                    sql.Identifier(target), sql.SQL(COLUMN_TYPES[source]), sql.SQL(nullable)
-                )
-            )
-        for column in mapping.now_columns:
-            parts.append(sql.SQL("{} timestamptz DEFAULT now()").format(sql.Identifier(column)))
-        parts.append(
-            sql.SQL("PRIMARY KEY ({})").format(
-                sql.SQL(", ").join(sql.Identifier(c) for c in mapping.key)
-            )
-        )
-        return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
-            self._table, sql.SQL(", ").join(parts)
-        )
+        """Create the tables, or fit an existing state table (see :meth:`TableSchema.init`)."""
+        self.schema.init(self.connect())
 
     def verify_schema(self) -> None:
-        """Check that the tables exist and fit the mapping; raises ConfigError saying
-        what is missing and that ``spr db init`` (or auto-create) fixes it."""
-        mapping = self.mapping
-        conn = self.connect()
-        hint = "run `spr db init` or pass --auto-create-schema"
-        for ident, name in ((self._table, mapping.table), (self._offsets, mapping.offsets_table)):
-            if self._regclass(conn, ident) is None:
-                raise ConfigError(f"table {name} does not exist; {hint}")
-        present = self._columns_of(conn, self._table)
-        wanted = [t for t, _ in mapping.columns] + list(mapping.now_columns)
-        missing = [c for c in wanted if c not in present]
-        if missing:
-            raise ConfigError(f"table {mapping.table} lacks column(s) {', '.join(missing)}; {hint}")
-        if not self._has_unique_key(conn):
-            raise ConfigError(
-                f"table {mapping.table} has no primary key or unique index on "
-                f"({', '.join(mapping.key)}); {hint}"
-            )
+        """Check that the tables exist and fit the mapping (see :meth:`TableSchema.verify`)."""
+        self.schema.verify(self.connect())
 
     def ensure_schema(self, *, auto_create: bool) -> None:
         """``init_schema`` when ``auto_create``, else ``verify_schema``."""
@@ -394,85 +299,7 @@ class PostgresSink:
         else:
             self.verify_schema()
 
-    def _regclass(self, conn: psycopg.Connection[Any], ident: sql.Identifier) -> Any:
-        row = conn.execute("SELECT to_regclass(%s)::oid", (ident.as_string(conn),)).fetchone()
-        return None if row is None else row[0]
-
-    def _columns_of(self, conn: psycopg.Connection[Any], ident: sql.Identifier) -> set[str]:
-        rows = conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-            "AND attnum > 0 AND NOT attisdropped",
-            (ident.as_string(conn),),
-        ).fetchall()
-        return {r[0] for r in rows}
-
-    def _has_unique_key(self, conn: psycopg.Connection[Any]) -> bool:
-        rows = conn.execute(
-            "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_index i "
-            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
-            "WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indpred IS NULL "
-            "AND i.indexprs IS NULL GROUP BY i.indexrelid",
-            (self._table.as_string(conn),),
-        ).fetchall()
-        wanted = sorted(self.mapping.key)
-        return any(sorted(r[0]) == wanted for r in rows)
-
     # -- flush ------------------------------------------------------------------------
-
-    def _build_merge(self) -> sql.Composed:
-        mapping = self.mapping
-        targets = [t for t, _ in mapping.columns]
-        sources = [s for _, s in mapping.columns]
-        key_sources = [dict(mapping.columns)[k] for k in mapping.key]
-        select_cols: list[sql.Composable] = [sql.Identifier(s) for s in sources]
-        select_cols += [sql.SQL("now()") for _ in mapping.now_columns]
-        insert_cols = [sql.Identifier(t) for t in [*targets, *mapping.now_columns]]
-        if mapping.key_is_entity:
-            # The batch already holds one row per entity; the ORDER BY gives concurrent
-            # flushers (a zombie and the new owner) the same lock order: no deadlocks.
-            select = sql.SQL("SELECT {} FROM {} ORDER BY {}").format(
-                sql.SQL(", ").join(select_cols),
-                sql.Identifier(STAGING_TABLE),
-                sql.SQL(", ").join(sql.Identifier(s) for s in key_sources),
-            )
-        else:
-            # The key drops part of the entity identity: collapse again, newest first.
-            select = sql.SQL(
-                "SELECT DISTINCT ON ({key}) {cols} FROM {staging} "
-                "ORDER BY {key}, sequence DESC, kafka_offset DESC"
-            ).format(
-                key=sql.SQL(", ").join(sql.Identifier(s) for s in key_sources),
-                cols=sql.SQL(", ").join(select_cols),
-                staging=sql.Identifier(STAGING_TABLE),
-            )
-        updates = [
-            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(t))
-            for t in [*targets, *mapping.now_columns]
-            if t not in mapping.key
-        ]
-        seq = sql.Identifier(mapping.sequence_column)
-        return sql.SQL(
-            "INSERT INTO {table} AS t ({cols}) {select} "
-            "ON CONFLICT ({key}) DO UPDATE SET {updates} "
-            "WHERE t.{seq} IS NULL OR excluded.{seq} > t.{seq}"
-        ).format(
-            table=self._table,
-            cols=sql.SQL(", ").join(insert_cols),
-            select=select,
-            key=sql.SQL(", ").join(sql.Identifier(k) for k in mapping.key),
-            updates=sql.SQL(", ").join(updates),
-            seq=seq,
-        )
-
-    def _build_offsets_upsert(self) -> sql.Composed:
-        return sql.SQL(
-            "INSERT INTO {offsets} AS o (group_id, topic, partition, next_offset, updated_at) "
-            "SELECT %s, u.topic, u.partition, u.next_offset, now() "
-            "FROM unnest(%s::text[], %s::integer[], %s::bigint[]) "
-            "AS u(topic, partition, next_offset) ORDER BY u.topic, u.partition "
-            "ON CONFLICT (group_id, topic, partition) DO UPDATE "
-            "SET next_offset = GREATEST(o.next_offset, excluded.next_offset), updated_at = now()"
-        ).format(offsets=self._offsets)
 
     def flush(self, batch: BatchLike) -> FlushResult:
         """Write one batch and its offsets in one transaction; blocks until committed.
@@ -485,7 +312,7 @@ class PostgresSink:
 
         When the database rejects the batch for a row's content (class DATA) and
         :attr:`dead_letter` is set, the batch is applied again in a new transaction,
-        bisected in savepoints (:func:`spr.isolate.isolate_poison`): every row that
+        bisected in savepoints (:func:`spr.sink.isolate.isolate_poison`): every row that
         passes is applied, the rows that fail alone go to ``dead_letter`` before the
         offsets upsert and the commit, so the offsets never pass a row that was neither
         applied nor dead-lettered. Without a ``dead_letter`` the DATA error propagates.
@@ -610,17 +437,6 @@ class PostgresSink:
 
     # -- retention gaps -----------------------------------------------------------------
 
-    def _create_gaps_table(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} ("
-                "group_id text NOT NULL, topic text NOT NULL, partition integer NOT NULL, "
-                "stored_offset bigint NOT NULL, log_start bigint NOT NULL, "
-                "gap_events bigint NOT NULL, resumed_at text NOT NULL, "
-                "resume_offset bigint NOT NULL, recorded_at timestamptz NOT NULL DEFAULT now())"
-            ).format(self._gaps)
-        )
-
     def record_offset_gap(
         self,
         group: str,
@@ -641,7 +457,7 @@ class PostgresSink:
         conn = self.connect()
         try:
             with conn.transaction(), conn.cursor() as cur:
-                self._create_gaps_table(conn)
+                self.schema.create_gaps_table(conn)
                 cur.execute(
                     sql.SQL(
                         "INSERT INTO {} (group_id, topic, partition, stored_offset, log_start, "

@@ -10,7 +10,7 @@ Decisions this corpus pins down:
 * Duplicate JSON keys: **the last one wins**, as in msgspec, PostgreSQL ``jsonb``, and
   most JSON parsers (Python, Go, Jackson, JavaScript). The decoded fields then agree with
   the stored ``payload``. A duplicate ``entity_id`` that makes the event name another
-  entity than its key is caught by :func:`spr.classify.check_key`.
+  entity than its key is caught by :func:`spr.routing.check_key`.
 * A message key that is not the partition key of the entity in the value is INVALID: the
   event may sit on another partition than its entity's other events, so its order is
   unknown.
@@ -25,10 +25,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from spr.classify import ErrorClass, check_key, classify
+from spr.classify import ErrorClass, classify
 from spr.decode import DEFAULT_LIMITS, DecodeLimits, Event, decode_event
 from spr.errors import InvalidEvent
-from spr.routing import partition_key
+from spr.routing import check_key, partition_key
 
 __all__ = ["CORPUS", "PoisonCase", "evaluate", "key_of", "valid_event"]
 

@@ -1,0 +1,90 @@
+"""What one ``spr bench`` run does: the contenders, and the validated options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from spr.errors import ConfigError
+
+__all__ = ["CONTENDERS", "SKIPPABLE", "BenchOptions", "Progress"]
+
+#: Contenders in the order they run and appear in the report.
+CONTENDERS = ("raw_consume", "spr", "copy_merge", "arroyo", "quix", "antipattern")
+#: Names accepted by ``--skip`` (``ceilings`` means both ceilings).
+SKIPPABLE = ("raw_consume", "copy_merge", "ceilings", "arroyo", "quix", "antipattern", "latency")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    """What to run. Frozen and validated on construction (raises ConfigError).
+
+    ``latency_only`` runs just the latency mode at ``latency_rate`` events/s for
+    ``latency_seconds`` (``spr bench --rate R``); otherwise the full comparison runs,
+    followed by the latency phase unless ``"latency"`` is in ``skip``.
+    """
+
+    bootstrap: str
+    dsn: str
+    events: int = 1_000_000
+    entities: int = 100_000
+    partitions: int = 12
+    duplicates: float = 0.05
+    stale: float = 0.02
+    value_size: int = 200
+    seed: int = 0
+    workers: int = 1
+    skip: frozenset[str] = frozenset()
+    latency_only: bool = False
+    latency_rate: float = 10_000.0
+    latency_seconds: float = 10.0
+    antipattern_events: int = 10_000
+    batch_max_rows: int | None = None
+    batch_max_age_ms: int | None = None
+    keep: bool = False
+    contender_timeout_s: float | None = None
+    quix_build_timeout_s: float = 600.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("events", "entities", "partitions", "workers", "antipattern_events"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.latency_rate <= 0 or self.latency_seconds <= 0:
+            raise ConfigError("the latency rate and duration must be positive")
+        unknown = set(self.skip) - set(SKIPPABLE)
+        if unknown:
+            raise ConfigError(
+                f"cannot skip {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}"
+            )
+        for name in ("batch_max_rows", "batch_max_age_ms"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be positive, got {value}")
+
+    def skips(self, name: str) -> bool:
+        if name in self.skip:
+            return True
+        return name in ("raw_consume", "copy_merge") and "ceilings" in self.skip
+
+    @property
+    def batch(self) -> dict[str, int]:
+        batch: dict[str, int] = {}
+        if self.batch_max_rows is not None:
+            batch["max_rows"] = self.batch_max_rows
+        if self.batch_max_age_ms is not None:
+            batch["max_age_ms"] = self.batch_max_age_ms
+        return batch
+
+    @property
+    def max_rows(self) -> int:
+        from spr.config import BatchPolicy
+
+        return self.batch_max_rows or BatchPolicy().max_rows
+
+
+# ------------------------------------------------------------------------ processes

@@ -1,0 +1,102 @@
+"""``spr bench``: the end-to-end benchmark, with verification."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from spr.bench.harness import SKIPPABLE
+
+    cmd = subparsers.add_parser(
+        "bench",
+        help="end-to-end benchmark with verification, against the alternatives",
+        description="Produce N events once, run spr and the alternatives on them, verify "
+        "each table against the expected state, and report events/s, ratios, latency "
+        "and peak RSS.",
+    )
+    cmd.add_argument("--events", type=int, default=1_000_000, metavar="N")
+    cmd.add_argument("--entities", type=int, default=100_000, metavar="K")
+    cmd.add_argument("--partitions", type=int, default=12, metavar="P")
+    cmd.add_argument("--duplicates", type=float, default=0.05, metavar="FRACTION")
+    cmd.add_argument("--stale", type=float, default=0.02, metavar="FRACTION")
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--workers", type=int, default=1, metavar="N", help="spr processes")
+    cmd.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="latency mode only: produce a steady R events/s while spr consumes",
+    )
+    cmd.add_argument(
+        "--latency-rate",
+        type=float,
+        default=10_000.0,
+        metavar="R",
+        help="rate of the latency phase of a full run (default 10000)",
+    )
+    cmd.add_argument("--latency-seconds", type=float, default=10.0, metavar="S")
+    cmd.add_argument(
+        "--skip",
+        default="",
+        metavar="LIST",
+        help=f"comma-separated contenders to leave out: {', '.join(SKIPPABLE)}",
+    )
+    cmd.add_argument("--skip-quix", action="store_true", help="same as --skip quix")
+    cmd.add_argument("--antipattern-events", type=int, default=10_000, metavar="N")
+    cmd.add_argument("--batch-max-rows", type=int, default=None, metavar="N")
+    cmd.add_argument("--batch-max-age-ms", type=int, default=None, metavar="MS")
+    cmd.add_argument("--bootstrap", default=None, metavar="B")
+    cmd.add_argument("--dsn", default=None, metavar="D")
+    cmd.add_argument("--json", type=Path, default=None, metavar="FILE")
+    cmd.add_argument("--plot", type=Path, default=None, metavar="FILE.png")
+    cmd.add_argument("--keep", action="store_true", help="keep topics and tables (debugging)")
+    cmd.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    cmd.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from spr.bench import harness, report
+    from spr.config.defaults import default_bootstrap, default_dsn
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.skip_quix:
+        skip.add("quix")
+    options = harness.BenchOptions(
+        bootstrap=args.bootstrap or default_bootstrap(),
+        dsn=args.dsn or default_dsn(),
+        events=args.events,
+        entities=args.entities,
+        partitions=args.partitions,
+        duplicates=args.duplicates,
+        stale=args.stale,
+        seed=args.seed,
+        workers=args.workers,
+        skip=frozenset(skip),
+        latency_only=args.rate is not None,
+        latency_rate=args.rate if args.rate is not None else args.latency_rate,
+        latency_seconds=args.latency_seconds,
+        antipattern_events=args.antipattern_events,
+        batch_max_rows=args.batch_max_rows,
+        batch_max_age_ms=args.batch_max_age_ms,
+        keep=args.keep,
+    )
+
+    def progress(text: str) -> None:
+        if not args.quiet:
+            print(f"spr bench: {text}", file=sys.stderr, flush=True)
+
+    series: dict[str, object] = {}
+    document = harness.run_bench(options, progress=progress, series=series)
+    document["command"] = "spr bench " + " ".join(sys.argv[2:])
+    if args.json is not None:
+        harness.write_json(document, args.json)
+    if args.plot is not None:
+        from spr.bench import plot
+
+        plot.draw(document, series, args.plot)
+    print(report.format_report(document))
+    return 0 if document["ok"] else 1

@@ -1,0 +1,131 @@
+"""Everything one engine process needs (:class:`EngineConfig`), validated when built."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from spr.config.defaults import DEFAULT_BOOTSTRAP, DEFAULT_DSN
+from spr.config.kafka import CONSUMER_DEFAULTS, merge_kafka_config
+from spr.config.mapping import DEFAULT_MAPPING, TableMapping
+from spr.config.policies import BackpressurePolicy, BatchPolicy, positive
+from spr.errors import ConfigError
+from spr.retry import BreakerPolicy, RetryPolicy
+
+__all__ = ["EngineConfig"]
+
+_ON_OFFSET_GAP = ("fail", "earliest", "latest")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Everything one engine process needs; validated when built.
+
+    ``kafka`` holds the user's librdkafka overrides only; :meth:`consumer_config` merges
+    them over :data:`CONSUMER_DEFAULTS`. ``revoke_budget_ms`` defaults to a fifth of
+    ``max.poll.interval.ms``. ``flush_retry_s`` bounds how long one flush is retried on
+    transient database errors before the engine stops (:attr:`retry_policy`);
+    ``breaker`` says when the circuit breaker opens (all partitions paused) and probes.
+
+    ``dead_letters`` (on by default) sends invalid events and rows the database rejects
+    to ``dlq_topic`` (default ``<topic>.dlq``; ``{topic}`` in it is replaced by the
+    source topic). Turned off, an invalid event is only counted and logged, and a row
+    the database rejects stops the engine.
+    """
+
+    group_id: str
+    topics: tuple[str, ...]
+    bootstrap: str = DEFAULT_BOOTSTRAP
+    dsn: str = DEFAULT_DSN
+    mapping: TableMapping = DEFAULT_MAPPING
+    batch: BatchPolicy = field(default_factory=BatchPolicy)
+    backpressure: BackpressurePolicy = field(default_factory=BackpressurePolicy)
+    kafka: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    statement_timeout_ms: int = 30_000
+    connect_timeout_s: float = 5.0
+    flush_retry_s: float = 60.0
+    revoke_budget_ms: int | None = None
+    auto_create_schema: bool = False
+    consume_batch: int = 2_000
+    # consume(n, timeout) returns when it has n messages *or* the timeout passed, so
+    # below full speed this is a floor on latency. At 10k events/s (spr bench --rate):
+    # 50 ms gave p50 37 / p99 66 ms, 5 ms 8.2 / 17.5 ms, 2 ms 7.2 / 13.0 ms. At full
+    # speed n arrive first and it does not matter; idle, it costs ~500 cheap calls/s.
+    consume_timeout_ms: int = 2
+    ring_capacity: int = 262_144
+    ring_ttl_ms: int = 600_000
+    idle_exit_s: float | None = None
+    max_events: int | None = None
+    on_offset_gap: str = "fail"
+    workers: int = 1
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    dead_letters: bool = True
+    dlq_topic: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.group_id:
+            raise ConfigError("a consumer group is required (--group)")
+        if isinstance(self.topics, str) or not self.topics:
+            raise ConfigError("at least one topic is required (--topic)")
+        if len(set(self.topics)) != len(self.topics) or not all(self.topics):
+            raise ConfigError("topics must be non-empty and distinct")
+        if not self.bootstrap:
+            raise ConfigError("the Kafka bootstrap address must not be empty")
+        if not self.dsn:
+            raise ConfigError("the PostgreSQL DSN must not be empty")
+        object.__setattr__(
+            self, "kafka", MappingProxyType({str(k): str(v) for k, v in self.kafka.items()})
+        )
+        for name in (
+            "statement_timeout_ms",
+            "connect_timeout_s",
+            "flush_retry_s",
+            "consume_batch",
+            "consume_timeout_ms",
+            "ring_capacity",
+            "ring_ttl_ms",
+            "workers",
+        ):
+            positive(name, getattr(self, name))
+        for name in ("revoke_budget_ms", "idle_exit_s", "max_events"):
+            value = getattr(self, name)
+            if value is not None:
+                positive(name, value)
+        if self.on_offset_gap not in _ON_OFFSET_GAP:
+            raise ConfigError(
+                f"on_offset_gap must be one of {', '.join(_ON_OFFSET_GAP)}, got {self.on_offset_gap!r}"
+            )
+        for key in ("enable.auto.commit", "enable.auto.offset.store"):
+            if str(self.kafka.get(key, "false")).lower() not in ("false", "0"):
+                raise ConfigError(f"{key} must stay false: offsets are stored in PostgreSQL")
+        if "group.id" in self.kafka and self.kafka["group.id"] != self.group_id:
+            raise ConfigError("set the group with --group, not with group.id")
+        try:
+            poll_ms = int(self.consumer_config()["max.poll.interval.ms"])
+        except (KeyError, ValueError):
+            poll_ms = 300_000
+        if self.revoke_budget_ms is None:
+            object.__setattr__(self, "revoke_budget_ms", max(1_000, poll_ms // 5))
+
+    def consumer_config(self) -> dict[str, Any]:
+        """The librdkafka configuration for the engine's consumer (user keys win)."""
+        return merge_kafka_config(
+            CONSUMER_DEFAULTS,
+            {"bootstrap.servers": self.bootstrap, "group.id": self.group_id, **self.kafka},
+        )
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """How a failed flush is retried: full-jitter backoff from 50 ms up to 2 s, for
+        at most ``flush_retry_s`` seconds (attempts are bounded by that time only)."""
+        return RetryPolicy(
+            base_delay=0.05, max_delay=2.0, max_attempts=1_000_000, max_elapsed=self.flush_retry_s
+        )
+
+    @property
+    def effective_revoke_budget_ms(self) -> int:
+        """The revoke budget after defaulting (always set once the config is built)."""
+        assert self.revoke_budget_ms is not None
+        return self.revoke_budget_ms

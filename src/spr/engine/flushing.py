@@ -1,0 +1,400 @@
+"""Flushing: one batch in flight, retried with backoff, behind a circuit breaker.
+
+A flush is one PostgreSQL transaction (rows and offsets together, :class:`PostgresSink`).
+It runs on a dedicated thread with its own connection, so that the loop gathers and
+decodes the next batch meanwhile (design §4: fetch and write overlap).
+
+Invariants:
+
+* At most one job is in flight, and jobs run in submission order, so flushes commit in
+  order.
+* The flush thread never retries by itself: each attempt's outcome comes back to the
+  loop's thread, which classifies the error (:func:`spr.classify.classify`), feeds the
+  circuit breaker and decides when to try again, while the loop keeps polling.
+* A job's outcome is reported exactly once, through ``on_committed`` for a commit; a
+  job that was given up (a cancelled or stuck flush) reports nothing more: whatever it
+  may still commit is harmless (the sequence guard and ``GREATEST`` on offsets).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from spr.classify import ErrorClass, classify
+from spr.clock import Clock
+from spr.config import EngineConfig
+from spr.engine.failures import FirstFailure, FlushFailed, first_line
+from spr.engine.intake import PendingBatch
+from spr.errors import DeadLetterUnavailable
+from spr.logs import log_event
+from spr.retry import CircuitBreaker, CircuitState, RetryAttempt
+from spr.sink.postgres import FlushResult, PostgresSink, RejectedRow, redact_dsn
+
+__all__ = ["FLUSH_WATCHDOG_MARGIN_S", "FlushJob", "FlushThread", "Flushing"]
+
+log = logging.getLogger("spr.engine")
+
+#: A flush still running this long past statement_timeout is stuck (a dead connection).
+FLUSH_WATCHDOG_MARGIN_S = 30.0
+
+RejectedRowsHandler = Callable[[Sequence[RejectedRow]], None]
+CommittedHandler = Callable[["FlushJob", FlushResult, float], None]
+
+
+@dataclass(eq=False)
+class FlushJob:
+    """One batch on its way to the database, possibly over several attempts.
+
+    ``running`` while the flush thread has it; between attempts ``retry`` holds the
+    backoff state and :meth:`Flushing.poll` resubmits it once ``retry.ready_at`` has
+    come and the circuit breaker allows.
+    """
+
+    number: int
+    pending: PendingBatch
+    started_s: float
+    cancel: threading.Event
+    abandoned: bool = False
+    running: bool = False
+    retry: RetryAttempt | None = None
+    attempt_s: float = 0.0  # when the current attempt was handed to the flush thread
+
+
+@dataclass(eq=False)
+class FlushOutcome:
+    job: FlushJob
+    result: FlushResult | None
+    error: BaseException | None
+    cancelled: bool
+    duration_s: float
+
+
+class FlushThread:
+    """The dedicated flush thread: one attempt of one job at a time, in submission order.
+
+    It owns its own sink (and so its own connection); ``dead_letter`` receives rows the
+    database rejects (see :meth:`PostgresSink.flush`); without it such a batch fails.
+    """
+
+    def __init__(
+        self, sink: PostgresSink, *, clock: Clock, dead_letter: RejectedRowsHandler | None = None
+    ) -> None:
+        self.sink = sink
+        self.clock = clock
+        if dead_letter is not None:
+            sink.dead_letter = dead_letter
+        self._jobs: queue.Queue[FlushJob | None] = queue.Queue()
+        self.results: queue.Queue[FlushOutcome] = queue.Queue()
+        self._current: FlushJob | None = None
+        self._thread = threading.Thread(target=self._run, name="spr-flush", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: FlushJob) -> None:
+        self._jobs.put(job)
+
+    def cancel(self, job: FlushJob) -> None:
+        """Ask ``job`` to stop: no more retries, and abort its running statement."""
+        job.cancel.set()
+        if self._current is job:
+            self.sink.cancel()
+
+    def close(self, timeout_s: float) -> None:
+        """Stop the thread, waiting at most ``timeout_s`` for the attempt it runs."""
+        self._jobs.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            # Stuck in a statement on a dead connection: closing it from this thread
+            # would race the flush thread inside libpq. The process exit ends both.
+            log.warning("the flush thread did not stop within %.1f s; leaving it", timeout_s)
+            return
+        self.sink.close()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            self._current = job
+            try:
+                self.results.put(self._flush(job))
+            finally:
+                self._current = None
+
+    def _flush(self, job: FlushJob) -> FlushOutcome:
+        start = self.clock.monotonic()
+        if job.cancel.is_set():
+            return FlushOutcome(job, None, None, True, 0.0)
+        try:
+            result = self.sink.flush(job.pending.batch)
+            return FlushOutcome(job, result, None, False, self.clock.monotonic() - start)
+        except Exception as exc:
+            cancelled = job.cancel.is_set()
+            return FlushOutcome(job, None, exc, cancelled, self.clock.monotonic() - start)
+
+
+class Flushing:
+    """One flush in flight: hand-off, retries, the circuit breaker, the stuck-flush watchdog.
+
+    Counters: ``flushes`` committed, ``flush_retries`` (failed attempts retried), flush
+    seconds (total, max, last), and the committed batches' ``applied``, ``stale``,
+    ``rejected`` and ``collapsed`` events. ``on_committed(job, result, seconds)`` is
+    called on the loop's thread once per committed flush, in commit order.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        clock: Clock,
+        failure: FirstFailure,
+        on_committed: CommittedHandler,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.failure = failure
+        self.on_committed = on_committed
+        self.retry_policy = config.retry_policy
+        self.breaker = CircuitBreaker(config.breaker, on_change=self._on_circuit_change)
+        self.thread: FlushThread | None = None
+        self.inflight: FlushJob | None = None
+        self._number = 0
+        self.flushes = 0
+        self.flush_retries = 0
+        self.flush_seconds_total = 0.0
+        self.flush_seconds_max = 0.0
+        self.flush_seconds_last = 0.0
+        self.applied = 0
+        self.stale = 0
+        self.rejected = 0
+        self.collapsed = 0
+        self.circuit_opens = 0
+
+    def start(self, sink: PostgresSink, dead_letter: RejectedRowsHandler | None) -> None:
+        """Start the flush thread on ``sink`` (its own connection)."""
+        self.thread = FlushThread(sink, clock=self.clock, dead_letter=dead_letter)
+
+    def close(self) -> None:
+        """Stop the flush thread. A flush given up as stuck is not waited for (its
+        connection is dead); otherwise the wait is bounded by the statement timeout."""
+        thread = self.thread
+        if thread is None:
+            return
+        job = self.inflight
+        stuck = job is not None and job.abandoned
+        budget = 0.5 if stuck else self.config.statement_timeout_ms / 1000.0 + 1.0
+        thread.close(budget)
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self.inflight is not None
+
+    @property
+    def holding(self) -> bool:
+        """Flushing is held up by failures: a flush waits for its retry, or the circuit
+        breaker is not closed. All partitions stay paused meanwhile."""
+        job = self.inflight
+        return (job is not None and job.retry is not None) or (
+            self.breaker.state is not CircuitState.CLOSED
+        )
+
+    def hold_reason(self) -> str:
+        if self.breaker.state is not CircuitState.CLOSED:
+            return f"circuit {self.breaker.state.name.lower()}"
+        return "flush retry"
+
+    def inflight_age(self, now: float) -> float | None:
+        job = self.inflight
+        return None if job is None else now - job.started_s
+
+    def inflight_bytes(self) -> int:
+        job = self.inflight
+        return 0 if job is None else job.pending.batch.nbytes
+
+    def allows_new(self, now: float) -> bool:
+        """Whether a new flush may start now: always while the breaker is closed;
+        otherwise only as its probe (a flush waiting for its retry normally is that
+        probe, see :meth:`poll`; this covers a batch gathered after one was dropped by
+        a rebalance)."""
+        return self.breaker.state is CircuitState.CLOSED or self.breaker.allow(now)
+
+    # -- driving ------------------------------------------------------------------------
+
+    def submit(self, pending: PendingBatch) -> None:
+        """Hand ``pending`` to the flush thread; only when nothing is in flight."""
+        assert self.inflight is None and self.thread is not None
+        self._number += 1
+        now = self.clock.monotonic()
+        job = FlushJob(
+            number=self._number,
+            pending=pending,
+            started_s=now,
+            cancel=threading.Event(),
+            running=True,
+            attempt_s=now,
+        )
+        self.inflight = job
+        self.thread.submit(job)
+
+    def poll(self) -> None:
+        """Collect finished attempts, stop on a stuck flush, and resubmit a flush whose
+        backoff is over. Never blocks."""
+        thread = self.thread
+        assert thread is not None
+        while True:
+            try:
+                outcome = thread.results.get_nowait()
+            except queue.Empty:
+                break
+            self._on_outcome(outcome)
+        self._check_stuck()
+        self._drive_retry()
+
+    def wait(self, deadline_s: float) -> bool:
+        """Block until the flush in flight has an outcome, or ``deadline_s`` (on the
+        clock); True when nothing is in flight any more."""
+        thread = self.thread
+        while self.inflight is not None:
+            remaining = deadline_s - self.clock.monotonic()
+            if remaining <= 0 or thread is None or self.failure.failed:
+                return False
+            self._drive_retry()
+            waiting = not self.inflight.running
+            try:
+                outcome = thread.results.get(timeout=min(remaining, 0.05 if waiting else 0.2))
+            except queue.Empty:
+                continue
+            self._on_outcome(outcome)
+        return True
+
+    def cancel(self, wait_s: float) -> None:
+        """Give up the flush in flight: cancel its statement and wait up to ``wait_s``
+        for the rollback; one that still runs then is abandoned (a harmless zombie)."""
+        job = self.inflight
+        if job is None:
+            return
+        if not job.running:
+            # Waiting for a retry: nothing of it is in the database's hands.
+            job.cancel.set()
+            self.inflight = None
+            return
+        assert self.thread is not None
+        self.thread.cancel(job)
+        if not self.wait(self.clock.monotonic() + wait_s):
+            job.abandoned = True
+            self.inflight = None
+
+    def _drive_retry(self) -> None:
+        job = self.inflight
+        if job is None or job.running or job.retry is None or self.thread is None:
+            return
+        now = self.clock.monotonic()
+        if not job.retry.ready(now) or not self.breaker.allow(now):
+            return
+        job.running = True
+        job.attempt_s = now
+        self.thread.submit(job)
+
+    def _check_stuck(self) -> None:
+        """Stop when the attempt in flight has run far longer than the statement timeout
+        allows: its connection is dead (a silent network drop), and waiting on it would
+        hold the pipeline, uncommitted, for hours."""
+        job = self.inflight
+        if job is None or not job.running:
+            return
+        timeout_s = self.config.statement_timeout_ms / 1000.0
+        age_s = self.clock.monotonic() - max(job.attempt_s, job.started_s)
+        if age_s > timeout_s + FLUSH_WATCHDOG_MARGIN_S:
+            # No cancel request: on a dead network it could block as long. The flush
+            # thread is left behind (a daemon); whatever it may still commit is harmless.
+            job.cancel.set()
+            job.abandoned = True
+            self.failure.fail(
+                FlushFailed(
+                    f"a flush to PostgreSQL ({redact_dsn(self.config.dsn)}) has not "
+                    f"answered for {age_s:.0f} s (statement_timeout is {timeout_s:g} s): "
+                    "the connection looks dead; nothing more was committed"
+                )
+            )
+
+    def _on_outcome(self, outcome: FlushOutcome) -> None:
+        job = outcome.job
+        if job.abandoned:
+            return
+        job.running = False
+        now = self.clock.monotonic()
+        if outcome.result is not None:
+            self._committed(job, outcome.result, outcome.duration_s, now)
+            return
+        if outcome.cancelled:
+            if job is self.inflight:
+                self.inflight = None
+            return
+        error = outcome.error
+        assert error is not None
+        error_class = classify(error)
+        if error_class is ErrorClass.TRANSIENT:
+            self.breaker.record_failure(now)
+            if job.retry is None:
+                job.retry = self.retry_policy.start(job.started_s)
+            delay = job.retry.next_delay(now)
+            if delay is not None:
+                # The job stays in flight; poll() resubmits it, partitions paused.
+                self.flush_retries += 1
+                log.warning(
+                    "flush failed (%s); retry %d in %.2f s",
+                    first_line(error),
+                    job.retry.attempts,
+                    delay,
+                )
+                return
+            message = (
+                f"PostgreSQL stayed unavailable for {self.config.flush_retry_s:g} s "
+                f"({redact_dsn(self.config.dsn)}): {first_line(error)}"
+            )
+        elif isinstance(error, DeadLetterUnavailable):
+            message = str(error)
+        elif error_class is ErrorClass.DATA:
+            message = (
+                f"PostgreSQL rejected a row and dead letters are turned off: {first_line(error)}"
+            )
+        else:
+            message = f"a flush to PostgreSQL failed: {first_line(error)}"
+        if job is self.inflight:
+            self.inflight = None
+        self.failure.fail(
+            error if isinstance(error, DeadLetterUnavailable) else FlushFailed(message, error)
+        )
+
+    def _committed(self, job: FlushJob, result: FlushResult, duration_s: float, now: float) -> None:
+        if job is self.inflight:
+            self.inflight = None
+        self.breaker.record_success(now)
+        if job.retry is not None:
+            log.warning("flush succeeded after %d retry(ies)", job.retry.attempts)
+        self.flushes += 1
+        self.applied += result.applied
+        self.stale += result.stale
+        self.rejected += result.rejected
+        self.collapsed += job.pending.events - result.rows
+        self.flush_seconds_total += duration_s
+        self.flush_seconds_last = duration_s
+        self.flush_seconds_max = max(self.flush_seconds_max, duration_s)
+        self.on_committed(job, result, duration_s)
+
+    def _on_circuit_change(self, old: CircuitState, new: CircuitState) -> None:
+        if new is CircuitState.OPEN and old is CircuitState.CLOSED:
+            self.circuit_opens += 1
+        log_event(
+            log,
+            "circuit",
+            level=logging.WARNING if new is CircuitState.OPEN else logging.INFO,
+            old=old.name.lower(),
+            new=new.name.lower(),
+            failure_rate=round(self.breaker.failure_rate, 3),
+        )

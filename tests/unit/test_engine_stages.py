@@ -1,0 +1,179 @@
+"""The engine's stages on their own, and the defects the old single class hid.
+
+Each test here names the defect it guards against (the architecture issue's list): a
+dropped batch's latency samples riding on the next one, a later error overwriting the
+first, a clock read behind the injected one, admin clients that ignored the user's
+connection settings, and rules written more than once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from test_engine_logic import FakeSink, Msg, assign, ev, make_engine
+
+from spr.clock import FakeClock
+from spr.config import BatchPolicy, connection_settings
+from spr.decode import DEFAULT_LIMITS
+from spr.dedup import IdempotencyRing
+from spr.engine.failures import FirstFailure
+from spr.engine.intake import Intake
+from spr.engine.positions import OFFSET_BEGINNING, OFFSET_END, start_offset
+from spr.engine.telemetry import EngineStats, Telemetry
+from spr.errors import ConfigError, ServerUnavailable
+
+
+def _intake() -> Intake:
+    return Intake(BatchPolicy(), IdempotencyRing(64, 60_000), DEFAULT_LIMITS, sample_latency=True)
+
+
+def test_a_dropped_batch_takes_its_latency_samples_with_it() -> None:
+    intake = _intake()
+    intake.ingest([ev("t", 0, 0, "a", 1), ev("t", 0, 1, "b", 1)], 1.0, {("t", 0)})
+    intake.drop()  # a lost assignment abandons the batch
+    intake.ingest([ev("t", 0, 0, "a", 1)], 2.0, {("t", 0)})
+    pending = intake.take()
+    assert pending.messages == 1 and sum(pending.weights) == 1
+    assert len(pending.timestamps) == len(pending.weights)
+    # drop() also forgot the ring: the redelivered event was not a duplicate.
+    assert intake.duplicate == 0
+
+
+def test_take_hands_off_everything_and_starts_empty() -> None:
+    intake = _intake()
+    intake.ingest([ev("t", 0, 0, "a", 1), Msg("t", 0, 1, b"nope")], 1.0, {("t", 0)})
+    pending = intake.take()
+    assert (pending.messages, pending.invalid, pending.events) == (2, 1, 1)
+    assert pending.batch.next_offsets() == {("t", 0): 2}
+    assert intake.messages == 0 and intake.invalid == 0 and intake.since_s is None
+    assert intake.take().batch.next_offsets() == {}
+
+
+def test_the_first_failure_wins() -> None:
+    failure = FirstFailure()
+    failure.fail(ServerUnavailable("first"))
+    failure.fail(ConfigError("second"))
+    with pytest.raises(ServerUnavailable, match="first"):
+        failure.raise_if_failed()
+
+
+def test_a_later_rebalance_error_does_not_replace_the_first() -> None:
+    class FailingSink(FakeSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.errors = [ConfigError("first: offsets unreadable"), ConfigError("second")]
+
+        def load_offsets(self, group: str, topics: Any) -> dict[tuple[str, int], int]:
+            raise self.errors.pop(0)
+
+    def two_assigns(consumer: Any) -> list[Any]:
+        assign(("t", 0))(consumer)
+        assign(("t", 1))(consumer)  # fails again, differently, in the same consume()
+        return []
+
+    engine, consumer = make_engine([two_assigns], FailingSink())
+    with pytest.raises(ServerUnavailable, match="offsets from PostgreSQL .*: first"):
+        engine.run()
+    assert consumer.commits == []
+
+
+def test_latency_is_measured_on_the_injected_clock() -> None:
+    from spr.metrics import MetricsPublisher, SprMetrics
+
+    clock = FakeClock(wall_start=1_700_000_000.0)
+    publisher = MetricsPublisher(SprMetrics(), clock=clock.monotonic)
+    telemetry = Telemetry(
+        publisher,
+        clock=clock,
+        topics=("t",),
+        stats=EngineStats,
+        admin=lambda: None,  # type: ignore[arg-type, return-value]
+    )
+    from array import array
+
+    telemetry.observe_flush(array("q", [1_700_000_000_000 - 250]), array("q", [4]), 0.01)
+    latency = telemetry.local.latency
+    assert latency.count == 4 and latency.total == pytest.approx(4 * 0.25)
+
+
+@pytest.mark.parametrize(
+    ("stored", "reset", "start"),
+    [
+        (42, "error", 42),
+        (None, "earliest", OFFSET_BEGINNING),
+        (None, "smallest", OFFSET_BEGINNING),
+        (None, "latest", OFFSET_END),
+        (None, "LARGEST", OFFSET_END),
+    ],
+)
+def test_one_start_rule(stored: int | None, reset: str, start: int) -> None:
+    assert start_offset(stored, reset, ("t", 0)) == start
+
+
+def test_the_start_rule_refuses_to_guess() -> None:
+    with pytest.raises(ConfigError, match=r"no offset for t\[3\].*'error'"):
+        start_offset(None, "error", ("t", 3))
+    with pytest.raises(ConfigError, match=r"unknown auto\.offset\.reset"):
+        start_offset(None, "sometimes", ("t", 3))
+
+
+SASL = {
+    "security.protocol": "SASL_PLAINTEXT",
+    "sasl.mechanism": "SCRAM-SHA-512",
+    "sasl.username": "u",
+    "sasl.password": "p",
+    "socket.timeout.ms": "2000",
+    "client.id": "me",
+}
+
+
+def test_every_client_connects_like_the_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admin, dead-letter and read-back clients all take the consumer's connection
+    settings (once spr lag and spr replay connected to the bootstrap address only)."""
+    import spr.kafka.admin
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(spr.kafka.admin, "admin_client", lambda conf: seen.append(conf))
+    consumer_conf = {**SASL, "bootstrap.servers": "h:9093", "fetch.max.bytes": "1", "group.id": "g"}
+    expected = {**SASL, "bootstrap.servers": "h:9093"}
+    assert connection_settings(consumer_conf) == expected
+
+    from spr.kafka.admin import KafkaAdmin
+
+    admin = KafkaAdmin(consumer_conf, timeout_s=3)
+    assert {k: seen[0][k] for k in expected} == expected and "group.id" not in seen[0]
+    assert admin.bootstrap == "h:9093"
+    KafkaAdmin.for_bootstrap("h:9093", kafka={"sasl.password": "p", "linger.ms": "5"})
+    assert seen[1]["sasl.password"] == "p" and "linger.ms" not in seen[1]
+
+    from spr.dlq import DeadLetterWriter
+
+    writer = DeadLetterWriter(bootstrap="h:9093", producer_config=SASL)
+    assert {k: writer.admin_config()[k] for k in expected} == expected
+
+
+def test_lag_and_replay_take_the_same_kafka_settings_as_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from spr.cli import lag, main, replay
+
+    given: dict[str, Any] = {}
+
+    def fake_measure(group: str, **kwargs: Any) -> Any:
+        given["lag"] = kwargs["kafka"]
+        raise ConfigError("stop here")
+
+    def fake_rewind(group: str, **kwargs: Any) -> Any:
+        given["replay"] = kwargs["kafka"]
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(lag, "measure_lag", fake_measure)
+    monkeypatch.setattr(replay, "rewind", fake_rewind)
+    monkeypatch.setenv("SPR_KAFKA_SASL_MECHANISM", "PLAIN")
+    flags = ["-X", "security.protocol=SASL_PLAINTEXT", "-X", "sasl.username=u"]
+    assert main(["lag", "--group", "g", *flags]) == 2
+    assert main(["replay", "--group", "g", "--to-offset", "0", *flags]) == 2
+    for settings in (given["lag"], given["replay"]):
+        assert settings["security.protocol"] == "SASL_PLAINTEXT"
+        assert settings["sasl.username"] == "u" and settings["sasl.mechanism"] == "PLAIN"
