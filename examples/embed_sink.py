@@ -62,8 +62,9 @@ def main() -> int:
             messages = consumer.consume(500, 0.1)
             pipeline.submit(messages)  # decode, dedup, batch; invalid ones dead-lettered
             pipeline.poll()  # hand a batch to the database, collect the one before
-            if messages:
-                taken += len(messages)
+            data = sum(1 for m in messages if m.error() is None)
+            if data:
+                taken += data
                 last_news = time.monotonic()
             idle = time.monotonic() - last_news >= args.idle
             if idle and pipeline.positions.assigned and not pipeline.busy:

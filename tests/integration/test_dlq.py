@@ -117,7 +117,7 @@ def test_dead_letters_carry_design_headers_and_round_trip_byte_exactly(
     produce(bootstrap, source, records)
     messages = consume_source(bootstrap, source, len(records))
     try:
-        with DeadLetterWriter(bootstrap=bootstrap) as writer:
+        with DeadLetterWriter(bootstrap=bootstrap, group="g-orders") as writer:
             for message in messages:
                 writer.send(message, ErrorClass.INVALID, "value is broken", attempts=1)
             writer.flush(30)
@@ -142,6 +142,7 @@ def test_dead_letters_carry_design_headers_and_round_trip_byte_exactly(
                 ("spr-source-partition", str(partition).encode()),
                 ("spr-source-offset", str(source_offset).encode()),
                 ("spr-attempts", b"1"),
+                ("spr-group", b"g-orders"),
             ]
         assert {v is None for *_, v, _ in letters} == {True, False}
         assert any(v is not None and len(v) == FIVE_MB for *_, v, _ in letters)
@@ -218,8 +219,13 @@ def test_dlq_list_summarises_classes_offsets_and_samples(
         f"no dead letters for '{source}': topic '{source}.dlq' does not exist"
     )
     try:
-        with DeadLetterWriter(bootstrap=bootstrap) as writer:
+        with (
+            DeadLetterWriter(bootstrap=bootstrap, group="g-one") as one,
+            DeadLetterWriter(bootstrap=bootstrap) as nameless,
+        ):
             for record, error_class, reason in _letters(source):
+                # A letter without spr-group (written before it existed) reads as unknown.
+                writer = nameless if record.offset == 3 else one
                 writer.send(
                     record, error_class, reason, attempts=1 if error_class == "invalid" else 4
                 )
@@ -239,15 +245,16 @@ def test_dlq_list_summarises_classes_offsets_and_samples(
         lines = out.splitlines()
         assert lines[0] == f"4 dead letter(s) for '{source}' in '{source}.dlq'"
         assert lines[1:4] == ["by error class:", "  invalid    3", "  data       1"]
-        assert lines[4:8] == [
+        assert lines[4:7] == ["by consumer group:", "  g-one      3", "  unknown    1"]
+        assert lines[7:11] == [
             "by source partition:",
             "  partition 0: 2, source offsets 5..9",
             "  partition 1: 1, source offsets 3..3",
             "  partition 2: 1, source offsets 12..12",
         ]
-        assert lines[8] == "samples:"
-        samples = "\n".join(lines[9:])
-        assert len(lines[9:]) == 6  # three samples, two lines each
+        assert lines[11] == "samples:"
+        samples = "\n".join(lines[12:])
+        assert len(lines[12:]) == 6  # three samples, two lines each
         assert "[0@5] invalid after 1 attempt(s): not valid JSON: truncated" in samples
         assert "value: '{'" in samples
         assert "[0@9] invalid after 1 attempt(s): value is null" in samples

@@ -14,9 +14,23 @@ from spr.config.policies import BackpressurePolicy, BatchPolicy, positive
 from spr.errors import ConfigError
 from spr.retry import BreakerPolicy, RetryPolicy
 
-__all__ = ["EngineConfig"]
+__all__ = ["DLQ_SUFFIX", "EngineConfig", "dlq_topic_for"]
 
 _ON_OFFSET_GAP = ("fail", "earliest", "latest")
+
+DLQ_SUFFIX = ".dlq"
+
+
+def dlq_topic_for(source_topic: str, dlq_topic: str | None = None) -> str:
+    """The dead-letter topic of ``source_topic``: ``dlq_topic`` when given (``{topic}`` in
+    it is replaced by the source topic), else ``<source_topic>.dlq``.
+
+    The one naming rule, kept here (not in :mod:`spr.dlq`) so that :class:`EngineConfig`
+    can check it without loading a Kafka client; :mod:`spr.dlq` re-exports it.
+    """
+    if dlq_topic is None:
+        return source_topic + DLQ_SUFFIX
+    return dlq_topic.replace("{topic}", source_topic)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +46,11 @@ class EngineConfig:
     ``dead_letters`` (on by default) sends invalid events and rows the database rejects
     to ``dlq_topic`` (default ``<topic>.dlq``; ``{topic}`` in it is replaced by the
     source topic). Turned off, an invalid event is only counted and logged, and a row
-    the database rejects stops the engine.
+    the database rejects stops the engine. A dead-letter topic that this run consumes
+    (a source topic, directly or through ``{topic}``) is refused here, before any server
+    is touched (design §6: fatal): its dead letters would be read back as events, and a
+    dead letter of an invalid event is invalid again, so one bad message would loop
+    without end.
     """
 
     group_id: str
@@ -60,6 +78,10 @@ class EngineConfig:
     max_events: int | None = None
     on_offset_gap: str = "fail"
     workers: int = 1
+    # A partition with lag whose position has not moved for this long, while spr does
+    # not hold it, is stalled (a bug or a broker problem): warned about, counted, and
+    # sought back to its committed offset and resumed (spr.engine.stalls).
+    stall_after_s: float = 10.0
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     dead_letters: bool = True
     dlq_topic: str | None = None
@@ -87,6 +109,7 @@ class EngineConfig:
             "ring_capacity",
             "ring_ttl_ms",
             "workers",
+            "stall_after_s",
         ):
             positive(name, getattr(self, name))
         for name in ("revoke_budget_ms", "idle_exit_s", "max_events"):
@@ -108,6 +131,33 @@ class EngineConfig:
             poll_ms = 300_000
         if self.revoke_budget_ms is None:
             object.__setattr__(self, "revoke_budget_ms", max(1_000, poll_ms // 5))
+        if self.dead_letters:
+            self._check_dead_letter_topics()
+
+    def _check_dead_letter_topics(self) -> None:
+        if self.dlq_topic is not None and (
+            not isinstance(self.dlq_topic, str) or not self.dlq_topic
+        ):
+            raise ConfigError(
+                f"--dlq-topic must name a topic (the default is <topic>.dlq), got {self.dlq_topic!r}"
+            )
+        for topic, target in self.dead_letter_topics().items():
+            if target == topic:
+                raise ConfigError(
+                    f"the dead-letter topic of '{topic}' is '{topic}' itself, so every dead "
+                    "letter would be consumed and dead-lettered again without end; choose "
+                    f"another --dlq-topic (the default is '{topic}{DLQ_SUFFIX}')"
+                )
+            if target in self.topics:
+                raise ConfigError(
+                    f"the dead-letter topic of '{topic}' is '{target}', which this run also "
+                    "consumes, so its dead letters would be read back as events; choose a "
+                    "--dlq-topic that is not a source topic"
+                )
+
+    def dead_letter_topics(self) -> dict[str, str]:
+        """Each source topic's dead-letter topic (see :func:`dlq_topic_for`)."""
+        return {topic: dlq_topic_for(topic, self.dlq_topic) for topic in self.topics}
 
     def consumer_config(self) -> dict[str, Any]:
         """The librdkafka configuration for the engine's consumer (user keys win)."""

@@ -1,8 +1,9 @@
 """The dead-letter topic (design §6): writing dead letters, listing them, redriving them.
 
 A dead letter is the original message (key, value and headers, byte for byte, null
-values included) re-produced to ``<topic>.dlq`` with six more headers that say what went
-wrong and where it came from. :class:`DeadLetterWriter` uses an idempotent producer
+values included) re-produced to ``<topic>.dlq`` with spr's headers (design §6): what
+went wrong, where it came from, and ``spr-group``, the consumer group that wrote it. A
+dead-letter topic that the run consumes is refused (it would loop). :class:`DeadLetterWriter` uses an idempotent producer
 (``acks=all``); the engine calls :meth:`DeadLetterWriter.flush` before it moves any
 offset past a dead-lettered event, and stops when it raises
 :class:`spr.errors.DeadLetterUnavailable`: an offset is never committed past an event
@@ -10,7 +11,8 @@ that was neither applied nor dead-lettered.
 
 ``spr dlq list`` summarises a dead-letter topic; ``spr dlq redrive`` re-produces its
 dead letters to their source topic, once: it commits its own consumer-group offsets on
-the dead-letter topic after each delivered batch. A redriven event that was already
+the dead-letter topic after each delivered batch, and re-produces each source position
+once however many groups dead-lettered it. A redriven event that was already
 applied is harmless, because the engine dedups on entity and sequence and the database
 only moves an entity forward.
 """
@@ -24,6 +26,7 @@ from spr.dlq.record import (
     HEADER_ATTEMPTS,
     HEADER_ERROR,
     HEADER_ERROR_CLASS,
+    HEADER_GROUP,
     HEADER_REDRIVEN_FROM,
     HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION,
@@ -48,6 +51,7 @@ __all__ = [
     "HEADER_ATTEMPTS",
     "HEADER_ERROR",
     "HEADER_ERROR_CLASS",
+    "HEADER_GROUP",
     "HEADER_REDRIVEN_FROM",
     "HEADER_SOURCE_OFFSET",
     "HEADER_SOURCE_PARTITION",

@@ -19,11 +19,13 @@ from spr.dlq.record import (
     HEADER_ATTEMPTS,
     HEADER_ERROR,
     HEADER_ERROR_CLASS,
+    HEADER_GROUP,
     HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_TOPIC,
     KAFKA_LOG,
     MAX_DEAD_LETTER_BYTES,
+    UNKNOWN,
     Headers,
     error_text,
 )
@@ -35,9 +37,10 @@ from spr.errors import ServerUnavailable
 class DeadLetter:
     """One dead letter as read back: the original message and what spr said about it.
 
-    ``headers`` are the original headers (spr's six removed). Missing or malformed spr
-    headers read as ``"unknown"`` / ``-1``, so a foreign message in the topic is visible
-    instead of fatal.
+    ``headers`` are the original headers (spr's removed). ``group`` is the consumer
+    group that wrote the letter (``spr-group``). Missing or malformed spr headers read
+    as ``"unknown"`` / ``-1`` (a letter written before ``spr-group`` existed has group
+    ``"unknown"``), so a foreign message in the topic is visible instead of fatal.
     """
 
     dlq_topic: str
@@ -52,6 +55,15 @@ class DeadLetter:
     source_partition: int
     source_offset: int
     attempts: int
+    group: str = UNKNOWN
+
+    @property
+    def source_position(self) -> tuple[str, int, int] | None:
+        """The event's place in its source topic (topic, partition, offset), or None when
+        the letter does not say (a foreign message, or a malformed header)."""
+        if not self.source_topic or self.source_partition < 0 or self.source_offset < 0:
+            return None
+        return (self.source_topic, self.source_partition, self.source_offset)
 
     @classmethod
     def from_message(cls, message: Any) -> DeadLetter:
@@ -74,12 +86,13 @@ class DeadLetter:
             key=message.key(),
             value=message.value(),
             headers=tuple((n, v) for n, v in raw if n not in DEAD_LETTER_HEADERS),
-            error_class=spr_headers.get(HEADER_ERROR_CLASS, "unknown"),
+            error_class=spr_headers.get(HEADER_ERROR_CLASS, UNKNOWN),
             error=spr_headers.get(HEADER_ERROR, ""),
             source_topic=spr_headers.get(HEADER_SOURCE_TOPIC, ""),
             source_partition=number(HEADER_SOURCE_PARTITION),
             source_offset=number(HEADER_SOURCE_OFFSET),
             attempts=number(HEADER_ATTEMPTS),
+            group=spr_headers.get(HEADER_GROUP) or UNKNOWN,
         )
 
 
@@ -120,9 +133,11 @@ def read_dead_letters(
     *,
     bootstrap: str,
     timeout: float = 10.0,
+    until: Mapping[int, int] | None = None,
 ) -> Iterator[DeadLetter]:
     """Read ``topic`` from ``starts`` (partition → offset) up to the end offsets as they
-    were when reading began; yields each message as a :class:`DeadLetter`.
+    were when reading began, or up to ``until`` (partition → offset, exclusive) where
+    that is lower; yields each message as a :class:`DeadLetter`.
 
     Blocks while fetching. Raises ServerUnavailable when no progress is made for
     ``timeout`` seconds.
@@ -137,6 +152,8 @@ def read_dead_letters(
         except KafkaException:
             raise ServerUnavailable(f"Kafka is not reachable at {bootstrap}") from None
         begin = max(start, low)
+        if until is not None:
+            high = min(high, until.get(partition, high))
         if begin < high:
             ends[partition] = high
             positions[partition] = begin
@@ -154,7 +171,14 @@ def read_dead_letters(
                     continue
                 raise ServerUnavailable(f"reading '{topic}' failed ({error_text(error)})")
             at_partition, at_offset = message.partition(), message.offset()
-            if at_partition not in ends or at_offset is None or at_offset >= ends[at_partition]:
+            if (
+                at_partition not in ends
+                or at_offset is None
+                or at_offset >= ends[at_partition]
+                # Before the start, or already yielded: a message fetched for an earlier
+                # assignment of this consumer.
+                or at_offset < positions[at_partition]
+            ):
                 continue
             positions[at_partition] = at_offset + 1
             progressed = True

@@ -8,12 +8,15 @@ from typing import Any
 
 from confluent_kafka import KafkaError
 
+from spr.config.engine import DLQ_SUFFIX, dlq_topic_for
+
 __all__ = [
     "DEAD_LETTER_HEADERS",
     "DLQ_SUFFIX",
     "HEADER_ATTEMPTS",
     "HEADER_ERROR",
     "HEADER_ERROR_CLASS",
+    "HEADER_GROUP",
     "HEADER_REDRIVEN_FROM",
     "HEADER_SOURCE_OFFSET",
     "HEADER_SOURCE_PARTITION",
@@ -22,13 +25,12 @@ __all__ = [
     "MAX_DEAD_LETTER_BYTES",
     "MAX_REASON_CHARS",
     "REDRIVE_STRIPPED",
+    "UNKNOWN",
     "Headers",
     "SourceRecord",
     "dlq_topic_for",
     "error_text",
 ]
-
-DLQ_SUFFIX = ".dlq"
 
 HEADER_ERROR_CLASS = "spr-error-class"
 HEADER_ERROR = "spr-error"
@@ -36,6 +38,9 @@ HEADER_SOURCE_TOPIC = "spr-source-topic"
 HEADER_SOURCE_PARTITION = "spr-source-partition"
 HEADER_SOURCE_OFFSET = "spr-source-offset"
 HEADER_ATTEMPTS = "spr-attempts"
+# The consumer group that wrote the letter: several groups reading one topic write into
+# one dead-letter topic, and redrive must tell their copies of one event apart.
+HEADER_GROUP = "spr-group"
 HEADER_REDRIVEN_FROM = "spr-redriven-from"
 # Reserved for spr: an original header with one of these names is replaced, not kept, so
 # each dead letter carries exactly one of each.
@@ -46,6 +51,7 @@ DEAD_LETTER_HEADERS = (
     HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_OFFSET,
     HEADER_ATTEMPTS,
+    HEADER_GROUP,
 )
 REDRIVE_STRIPPED = frozenset((*DEAD_LETTER_HEADERS, HEADER_REDRIVEN_FROM))
 
@@ -58,15 +64,10 @@ MAX_REASON_CHARS = 1000
 KAFKA_LOG = logging.getLogger("spr.kafka")
 KAFKA_LOG.addHandler(logging.NullHandler())
 
+# How a letter reads back when spr's header for its class or its group is missing.
+UNKNOWN = "unknown"
+
 Headers = tuple[tuple[str, bytes | None], ...]
-
-
-def dlq_topic_for(source_topic: str, dlq_topic: str | None = None) -> str:
-    """The dead-letter topic of ``source_topic``: ``dlq_topic`` when given (``{topic}`` in
-    it is replaced by the source topic), else ``<source_topic>.dlq``."""
-    if dlq_topic is None:
-        return source_topic + DLQ_SUFFIX
-    return dlq_topic.replace("{topic}", source_topic)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,7 @@ from confluent_kafka import (
 
 from spr.classify import ErrorClass
 from spr.config import merge_kafka_config
-from spr.dlq.reader import partitions_of, read_dead_letters, reading_consumer
+from spr.dlq.reader import DeadLetter, partitions_of, read_dead_letters, reading_consumer
 from spr.dlq.record import (
     HEADER_REDRIVEN_FROM,
     KAFKA_LOG,
@@ -32,13 +32,20 @@ from spr.errors import ConfigError, DeadLetterUnavailable, ServerUnavailable
 # ---------------------------------------------------------------------------- redrive
 @dataclass
 class RedriveReport:
-    """What one ``spr dlq redrive`` did."""
+    """What one ``spr dlq redrive`` did.
+
+    ``redriven`` letters were re-produced; ``skipped`` ones were read and not
+    re-produced: letters of another source topic or error class, and ``duplicates``
+    (counted in ``skipped`` too), copies of a source position that was already redriven
+    (several consumer groups dead-letter the same event, one letter each).
+    """
 
     source_topic: str
     dlq_topic: str
     group: str
     redriven: int = 0
     skipped: int = 0
+    duplicates: int = 0
 
 
 def redrive_group(source_topic: str, error_class: str | None = None) -> str:
@@ -63,7 +70,8 @@ def redrive(
     timeout: float = 30.0,
     producer_config: Mapping[str, Any] | None = None,
 ) -> RedriveReport:
-    """Re-produce the dead letters of ``source_topic`` that this group has not redriven.
+    """Re-produce the dead letters of ``source_topic`` that this group has not redriven,
+    each source position (topic, partition, offset) once.
 
     Each goes back to its source partition (or wherever the partitioner puts its key, if
     that partition no longer exists) with its original key, value and headers; spr's
@@ -72,13 +80,27 @@ def redrive(
     on the dead-letter topic after every ``batch_size`` dead letters are acknowledged,
     so running it again re-produces nothing twice; a crash between a delivery and its
     commit re-produces that batch once more, which the engine's sequence guard makes
-    harmless. Blocks; raises ServerUnavailable, ConfigError (no such source topic) or
-    DeadLetterUnavailable (a re-produced event was not acknowledged; nothing past it is
-    committed).
+    harmless.
+
+    Several consumer groups reading one topic each dead-letter an invalid event, so one
+    source position can have several letters (``spr-group`` tells them apart). Only the
+    first is re-produced; the others count as ``duplicates``, also when they arrive
+    after an earlier redrive sent that position: the positions this group already
+    redrove are read back from the part of the dead-letter topic it has passed (so a
+    redrive reads that part again, and holds one entry per redriven position).
+
+    Blocks; raises ServerUnavailable, ConfigError (no such source topic, or a
+    dead-letter topic that is the source topic) or DeadLetterUnavailable (a re-produced
+    event was not acknowledged; nothing past it is committed).
     """
     if error_class is not None:
         error_class = str(ErrorClass(error_class))
     name = dlq_topic_for(source_topic, dlq_topic)
+    if name == source_topic:
+        raise ConfigError(
+            f"the dead-letter topic of '{source_topic}' is '{source_topic}' itself; "
+            "redrive reads dead letters from one topic and re-produces them to another"
+        )
     group = group or redrive_group(source_topic, error_class)
     report = RedriveReport(source_topic, name, group)
     consumer = reading_consumer(bootstrap, group)
@@ -102,6 +124,28 @@ def redrive(
             tp.partition: (tp.offset if tp.offset != OFFSET_INVALID and tp.offset >= 0 else 0)
             for tp in committed
         }
+
+        def eligible(letter: DeadLetter) -> bool:
+            return letter.source_topic == source_topic and (
+                error_class is None or letter.error_class == error_class
+            )
+
+        # The positions this group redrove in earlier runs: the eligible letters before
+        # its committed offsets (each position's first letter there was re-produced).
+        sent: set[tuple[str, int, int]] = set()
+        passed = {p: o for p, o in starts.items() if o > 0}
+        if passed:
+            for letter in read_dead_letters(
+                consumer,
+                name,
+                dict.fromkeys(passed, 0),
+                bootstrap=bootstrap,
+                timeout=timeout,
+                until=passed,
+            ):
+                position = letter.source_position
+                if position is not None and eligible(letter):
+                    sent.add(position)
         producer = Producer(
             {
                 **merge_kafka_config(
@@ -142,11 +186,15 @@ def redrive(
         ):
             pending[letter.dlq_partition] = letter.dlq_offset + 1
             in_batch += 1
-            if letter.source_topic != source_topic or (
-                error_class is not None and letter.error_class != error_class
-            ):
+            position = letter.source_position
+            if not eligible(letter):
                 report.skipped += 1
+            elif position is not None and position in sent:
+                report.skipped += 1
+                report.duplicates += 1
             else:
+                if position is not None:
+                    sent.add(position)
                 headers = [(n, v) for n, v in letter.headers if n not in REDRIVE_STRIPPED]
                 headers.append(
                     (

@@ -29,7 +29,12 @@ class PartitionSummary:
 
 @dataclass
 class DeadLetterSummary:
-    """What ``spr dlq list`` reports about the dead letters of one source topic."""
+    """What ``spr dlq list`` reports about the dead letters of one source topic.
+
+    ``by_group`` counts the letters by the consumer group that wrote them (``spr-group``;
+    ``"unknown"`` for a letter without it). ``group``, when set, is the one group whose
+    letters were counted; every other field then covers only those.
+    """
 
     source_topic: str
     dlq_topic: str
@@ -38,6 +43,8 @@ class DeadLetterSummary:
     by_class: Counter[str] = field(default_factory=Counter)
     by_partition: dict[int, PartitionSummary] = field(default_factory=dict)
     samples: list[DeadLetter] = field(default_factory=list)
+    by_group: Counter[str] = field(default_factory=Counter)
+    group: str | None = None
 
 
 def summarize(
@@ -47,15 +54,20 @@ def summarize(
     dlq_topic: str | None = None,
     samples: int = 3,
     timeout: float = 10.0,
+    group: str | None = None,
 ) -> DeadLetterSummary:
     """Read the whole dead-letter topic of ``source_topic`` (without committing anything)
-    and summarise the dead letters that came from it. ``samples`` are picked with
-    distinct reasons first. Blocks; raises ServerUnavailable when Kafka is unreachable."""
+    and summarise the dead letters that came from it, only those written by consumer
+    group ``group`` when it is given (``"unknown"`` selects letters that name no group).
+    ``samples`` are picked with distinct reasons first. Blocks; raises ServerUnavailable
+    when Kafka is unreachable."""
     name = dlq_topic_for(source_topic, dlq_topic)
     consumer = reading_consumer(bootstrap, "spr-dlq-list")
     try:
         partitions = partitions_of(consumer, name, bootstrap, timeout)
-        summary = DeadLetterSummary(source_topic, name, exists=partitions is not None)
+        summary = DeadLetterSummary(
+            source_topic, name, exists=partitions is not None, group=group or None
+        )
         if partitions is None:
             return summary
         spare: list[DeadLetter] = []
@@ -65,8 +77,11 @@ def summarize(
         ):
             if letter.source_topic != source_topic:
                 continue
+            if summary.group is not None and letter.group != summary.group:
+                continue
             summary.total += 1
             summary.by_class[letter.error_class] += 1
+            summary.by_group[letter.group] += 1
             summary.by_partition.setdefault(letter.source_partition, PartitionSummary()).add(
                 letter.source_offset
             )
@@ -98,14 +113,20 @@ def format_summary(summary: DeadLetterSummary) -> str:
             f"no dead letters for '{summary.source_topic}': "
             f"topic '{summary.dlq_topic}' does not exist"
         )
+    written_by = f" from group '{summary.group}'" if summary.group is not None else ""
     lines = [
-        f"{summary.total} dead letter(s) for '{summary.source_topic}' in '{summary.dlq_topic}'"
+        f"{summary.total} dead letter(s) for '{summary.source_topic}'{written_by} "
+        f"in '{summary.dlq_topic}'"
     ]
     if not summary.total:
         return lines[0]
     lines.append("by error class:")
     for error_class, count in sorted(summary.by_class.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  {error_class:<10} {count}")
+    if summary.by_group:
+        lines.append("by consumer group:")
+        for group, count in sorted(summary.by_group.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {group:<10} {count}")
     lines.append("by source partition:")
     for partition in sorted(summary.by_partition):
         part = summary.by_partition[partition]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from confluent_kafka import (
@@ -23,6 +23,7 @@ from spr.dlq.record import (
     HEADER_ATTEMPTS,
     HEADER_ERROR,
     HEADER_ERROR_CLASS,
+    HEADER_GROUP,
     HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_TOPIC,
@@ -61,6 +62,14 @@ class DeadLetterWriter:
     ``source_partition % partitions``. ``producer_config`` overrides librdkafka settings
     (defaults: :data:`DLQ_PRODUCER_DEFAULTS`). Use as a context manager, or call
     :meth:`close`.
+
+    ``group`` is the consumer group on whose behalf it writes; each letter then carries
+    it as ``spr-group`` (without it the header is left out, and the letter reads back as
+    group ``"unknown"``). ``source_topics`` are the topics the writer's run consumes: it
+    refuses to write a dead letter into any of them, or into the letter's own source
+    topic (design §6, fatal: the letter would be consumed and dead-lettered again
+    without end). :class:`spr.config.EngineConfig` refuses such a setting before any
+    server is touched; this is the second guard, for any other caller.
     """
 
     def __init__(
@@ -73,9 +82,13 @@ class DeadLetterWriter:
         replication_factor: int = -1,
         topic_config: Mapping[str, str] | None = None,
         metadata_timeout: float = 10.0,
+        group: str | None = None,
+        source_topics: Collection[str] = (),
     ) -> None:
         self.bootstrap = bootstrap
         self.dlq_topic = dlq_topic
+        self.group = group or None
+        self.source_topics = frozenset(source_topics)
         self.create_topic = create_topic
         self.replication_factor = replication_factor
         self.topic_config: dict[str, str] = {
@@ -204,9 +217,10 @@ class DeadLetterWriter:
         :class:`SourceRecord`); delivery is confirmed only by :meth:`flush`.
 
         Blocks only to look up or create the dead-letter topic (once per topic) and
-        while librdkafka's queue is full. Raises DeadLetterUnavailable when the topic
-        cannot be found or created, when librdkafka refuses the message, or after a
-        fatal producer error.
+        while librdkafka's queue is full. Raises DeadLetterUnavailable when the
+        dead-letter topic is the record's source topic or another topic of this run
+        (nothing is written, no topic is created), when the topic cannot be found or
+        created, when librdkafka refuses the message, or after a fatal producer error.
         """
         if self._fatal is not None:
             raise DeadLetterUnavailable(
@@ -215,6 +229,7 @@ class DeadLetterWriter:
         record = (
             message if isinstance(message, SourceRecord) else SourceRecord.from_message(message)
         )
+        self._refuse_a_consumed_topic(record.topic)
         topic, partitions = self.ensure_topic(record.topic)
         headers: list[tuple[str, bytes | None]] = [
             (name, value) for name, value in record.headers if name not in DEAD_LETTER_HEADERS
@@ -227,6 +242,8 @@ class DeadLetterWriter:
             (HEADER_SOURCE_OFFSET, str(record.offset).encode()),
             (HEADER_ATTEMPTS, str(attempts).encode()),
         ]
+        if self.group is not None:
+            headers.append((HEADER_GROUP, self.group.encode()))
         self._produce(
             topic,
             partition=max(record.partition, 0) % partitions,
@@ -235,6 +252,15 @@ class DeadLetterWriter:
             headers=headers,
         )
         self.sent += 1
+
+    def _refuse_a_consumed_topic(self, source_topic: str) -> None:
+        target = self.topic_for(source_topic)
+        if target == source_topic or target in self.source_topics:
+            what = "its own source topic" if target == source_topic else "a topic this run consumes"
+            raise DeadLetterUnavailable(
+                f"refusing to write a dead letter of '{source_topic}' into '{target}', "
+                f"{what}: it would be consumed and dead-lettered again without end"
+            )
 
     def _produce(self, topic: str, **kwargs: Any) -> None:
         deadline = time.monotonic() + float(self.config["message.timeout.ms"]) / 1000
@@ -338,13 +364,16 @@ class InvalidEventSink:
 def dead_letter_sink(config: EngineConfig) -> InvalidEventSink | None:
     """The engine's dead-letter hook for ``config``: ``<topic>.dlq`` (or
     ``config.dlq_topic``), written by an idempotent producer that connects the way the
-    consumer does (the connection part of ``config.kafka``), created on first use. None
-    when dead letters are turned off."""
+    consumer does (the connection part of ``config.kafka``), created on first use. Each
+    letter names ``config.group_id`` (``spr-group``), and none is ever written into one
+    of ``config.topics``. None when dead letters are turned off."""
     if not config.dead_letters:
         return None
     writer = DeadLetterWriter(
         bootstrap=config.bootstrap,
         dlq_topic=config.dlq_topic,
         producer_config=connection_settings(config.kafka),
+        group=config.group_id,
+        source_topics=config.topics,
     )
     return InvalidEventSink(writer)

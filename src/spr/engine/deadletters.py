@@ -41,7 +41,9 @@ class DeadLetterSink(Protocol):
     inside the flush's transaction; the engine serialises all calls with a lock. A
     record Kafka itself could not read (bad CRC, compression) is sent as a
     :class:`spr.dlq.SourceRecord` holding only its position, with the client's error as
-    ``reason``.
+    ``reason``. :func:`spr.dlq.dead_letter_sink` names the engine's consumer group in
+    every letter (``spr-group``), and its ``send`` raises DeadLetterUnavailable rather
+    than write into a topic the engine consumes (design §6: fatal, it would loop).
     """
 
     def send(self, message: Any, reason: str, *, error_class: str = "invalid") -> None: ...
