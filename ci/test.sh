@@ -7,6 +7,12 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash ci/setup.sh
 PY=.venv/bin/python
 export PATH="$PWD/.venv/bin:$PATH"
+# Cold caches, every time: a test that passes only on its second run is a failing test.
+# Property tests draw a fixed, derandomised set of examples in CI (.ci/run sets CI) and
+# random ones on a developer's machine (tests/unit/conftest.py has both profiles).
+rm -rf .hypothesis
+if [ -n "${CI:-}" ]; then default_profile=ci; else default_profile=dev; fi
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-$default_profile}
 
 bash ci/lint.sh
 spr dev up

@@ -44,6 +44,7 @@ LOG_EVENTS: tuple[str, ...] = (
     "circuit",
     "dlq",
     "offset_gap",
+    "stall",
 )
 
 # URL form: scheme://user:password@host -> scheme://user:***@host. A password cannot hold

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -61,8 +62,9 @@ def make_topic(admin: AdminClient) -> Iterator[Callable[..., str]]:
         )
         futures[name].result(timeout=30)
         created.append(name)
-        # Wait until metadata shows every partition with a leader.
-        for _ in range(100):
+        # Wait (bounded) until metadata shows every partition with a leader.
+        deadline = time.monotonic() + 30
+        while True:
             md = admin.list_topics(name, timeout=5).topics[name]
             if (
                 md.error is None
@@ -70,6 +72,9 @@ def make_topic(admin: AdminClient) -> Iterator[Callable[..., str]]:
                 and all(p.leader >= 0 for p in md.partitions.values())
             ):
                 break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"topic {name} has no leader for every partition after 30 s")
+            time.sleep(0.05)
         return name
 
     yield _make

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import psycopg
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from spr.dev.stack import DevStack
 
@@ -33,10 +33,21 @@ def test_up_is_idempotent(stack: DevStack) -> None:
     assert stack.kafka_pid() == pid_before
 
 
-def test_broker_is_apache_kafka_in_kraft_mode(admin: AdminClient) -> None:
+def test_broker_is_apache_kafka_in_kraft_mode(admin: AdminClient, stack: DevStack) -> None:
     cluster = admin.describe_cluster(request_timeout=10).result(timeout=10)
-    assert cluster.controller is not None
     assert len(cluster.nodes) == 1
+    (node,) = cluster.nodes
+    # KRaft, as the broker itself reports it: it is its own controller, in a quorum of
+    # controllers, and there is no ZooKeeper.
+    resource = ConfigResource(ResourceType.BROKER, str(node.id))
+    config = admin.describe_configs([resource])[resource].result(timeout=10)
+    assert set(config["process.roles"].value.split(",")) == {"broker", "controller"}
+    assert config["controller.quorum.voters"].value.startswith(f"{node.id}@")
+    assert "zookeeper.connect" not in config or config["zookeeper.connect"].value is None
+    assert cluster.controller is not None and cluster.controller.id == node.id
+    # The cluster metadata lives in the KRaft metadata log, not in ZooKeeper.
+    metadata_log = stack.paths.kafka_data / "__cluster_metadata-0"
+    assert any(metadata_log.glob("*.log"))
 
 
 def test_produce_and_consume_back_across_partitions(

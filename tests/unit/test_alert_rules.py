@@ -30,6 +30,7 @@ ALERTS = (
     "SprDedupHitRateBelowTarget",
     "SprLagNearRetention",
     "SprOffsetGapSkipped",
+    "SprPartitionStalled",
 )
 
 
@@ -88,6 +89,8 @@ def _copy_tree(tmp_path: Path, rules: str, tests: str) -> Path:
         # Skipped events must page even when few: a threshold above the 40 lost misses "a".
         ("rules", "increase(spr_offset_gap_events_total[15m]) > 0",
          "increase(spr_offset_gap_events_total[15m]) > 100"),
+        # A stall that pages at once would page for every stall spr recovers by itself.
+        ("rules", "expr: spr_stalled_partitions > 0\n        for: 2m", "expr: spr_stalled_partitions > 0\n        for: 0m"),
         # Without the new-series branch, a gap counted before the first scrape ("b") is missed.
         ("rules", "\n            or (spr_offset_gap_events_total > 0 unless spr_offset_gap_events_total offset 15m)", ""),
     ],
@@ -136,7 +139,8 @@ def test_dashboard_is_valid_and_covers_the_required_panels() -> None:
     for p in panels:
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
     titles = " | ".join(p["title"].lower() for p in panels)
-    for topic in ("lag", "latency", "throughput", "outcomes", "paused", "skew", "dedup", "circuit"):
+    for topic in ("lag", "latency", "throughput", "outcomes", "paused", "skew", "dedup", "circuit",
+                  "stalled"):  # fmt: skip
         assert topic in titles, topic
     joined = "\n".join(exprs)
     for name in METRIC_NAMES:

@@ -73,7 +73,7 @@ def test_a_later_rebalance_error_does_not_replace_the_first() -> None:
         return []
 
     engine, consumer = make_engine([two_assigns], FailingSink())
-    with pytest.raises(ServerUnavailable, match="offsets from PostgreSQL .*: first"):
+    with pytest.raises(ServerUnavailable, match=r"offsets from PostgreSQL .*: first"):
         engine.run()
     assert consumer.commits == []
 
@@ -171,7 +171,14 @@ def test_lag_and_replay_take_the_same_kafka_settings_as_run(
     monkeypatch.setattr(lag, "measure_lag", fake_measure)
     monkeypatch.setattr(replay, "rewind", fake_rewind)
     monkeypatch.setenv("SPR_KAFKA_SASL_MECHANISM", "PLAIN")
-    flags = ["-X", "security.protocol=SASL_PLAINTEXT", "-X", "sasl.username=u"]
+    flags = [
+        "-X",
+        "security.protocol=SASL_PLAINTEXT",
+        "-X",
+        "sasl.username=u",
+        "-X",
+        "sasl.password=p",
+    ]
     assert main(["lag", "--group", "g", *flags]) == 2
     assert main(["replay", "--group", "g", "--to-offset", "0", *flags]) == 2
     for settings in (given["lag"], given["replay"]):

@@ -52,7 +52,7 @@ def run_raw_consume(
     deadline = time.monotonic() + timeout_s
     try:
         while received < total and time.monotonic() < deadline:
-            messages = consumer.consume(10_000, 0.5)
+            messages = [m for m in consumer.consume(10_000, 0.5) if m.error() is None]
             if not messages:
                 continue
             recorder.first()

@@ -46,7 +46,14 @@ CONSUMER_DEFAULTS: Mapping[str, str] = MappingProxyType(
         "session.timeout.ms": "10000",
         "heartbeat.interval.ms": "2000",
         "max.poll.interval.ms": "60000",
-        "enable.partition.eof": "false",
+        # Only committed transactions are read (librdkafka's default too, stated here
+        # because spr relies on it): output a transform aborted is never applied.
+        "isolation.level": "read_committed",
+        # The end of a partition is reported: a topic written with transactions ends
+        # with a commit marker, a control record the consumer skips, so the last offset
+        # consumed + 1 stays one below the end; at the end the stored offset moves to
+        # it, so that "caught up" and lag count what a consumer can reach.
+        "enable.partition.eof": "true",
     }
 )
 

@@ -114,6 +114,19 @@ class Intake:
         if self.since_s is None:
             self.since_s = now_s
 
+    def reach_end(self, topic: str, partition: int, end: int, now_s: float) -> bool:
+        """The consumer reached the end of a partition at offset ``end``: move its next
+        offset there when the batch would store less (the records between were control
+        records, a transaction's commit marker, which are never returned). Returns
+        whether the batch changed."""
+        if self.batch.next_offsets().get((topic, partition), -1) >= end:
+            return False
+        self.batch.advance(topic, partition, end - 1)
+        self.messages += 1
+        if self.since_s is None:
+            self.since_s = now_s
+        return True
+
     def _sample(self, messages: list[Any], added: int) -> None:
         # The first, middle and last message stand for the ``added`` events of one
         # consume() result (weights split evenly): three calls per batch, not one per event.

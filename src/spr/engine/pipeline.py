@@ -46,6 +46,7 @@ from spr.engine.intake import Intake, PendingBatch
 from spr.engine.positions import Positions
 from spr.errors import ServerUnavailable
 from spr.kafka.admin import KafkaAdmin
+from spr.kafka.clients import topic_partition
 from spr.logs import log_event
 from spr.sink.postgres import FlushResult, PostgresSink
 
@@ -279,6 +280,7 @@ class StatePipeline:
         error = message.error()
         code = error.code()
         if code == _ERR_PARTITION_EOF:
+            self._end_of_partition(message)
             return
         self.kafka_errors += 1
         if code in (_ERR_AUTO_OFFSET_RESET, _ERR_OFFSET_OUT_OF_RANGE):
@@ -300,6 +302,22 @@ class StatePipeline:
             return
         # TRANSIENT: the client retries by itself. DATA is a producer-side error.
         self._kafka_log.warning("Kafka error (%s): %s", error_class, error.str())
+
+    def _end_of_partition(self, message: Any) -> None:
+        """Everything before the end offset was returned: store the end as the next
+        offset when only control records lay between (see ``enable.partition.eof``).
+
+        Trusted only when the consumer's position is that end: an end reported before a
+        rewind (or for records this loop dropped) must not move an offset past events
+        that were never applied."""
+        key = (message.topic(), message.partition())
+        end = message.offset()
+        positions = self.positions
+        if end <= positions.committed.get(key, -1) or key not in positions.assigned:
+            return
+        (at,) = self.consumer.position([topic_partition(key[0], key[1])])
+        if at.offset == end:
+            self.intake.reach_end(key[0], key[1], end, self.clock.monotonic())
 
     def _unreadable_record(self, message: Any, error: Any) -> None:
         try:

@@ -393,10 +393,16 @@ class Positions:
 
     def group_lag(self) -> int:
         """Sum over every partition of the topics of end offset - stored offset (from
-        the database: what is applied, whoever applied it)."""
+        the database: what is applied, whoever applied it). The end is the last stable
+        offset under ``read_committed``; a stored offset past trailing control records
+        is written when the consumer reaches the end (``enable.partition.eof``)."""
         topics = self.config.topics
         keys = self.admin.partitions(topics)
-        ends = self.admin.end_offsets(keys)
+        # What a read_committed consumer can reach: the last stable offset.
+        committed_only = (
+            str(self.config.consumer_config().get("isolation.level")) == "read_committed"
+        )
+        ends = self.admin.end_offsets(keys, committed_only=committed_only)
         starts = self.admin.log_start_offsets(keys)
         stored = self.control.load_offsets(self.config.group_id, topics)
         return sum(max(0, ends[key] - stored.get(key, starts[key])) for key in keys)

@@ -22,6 +22,7 @@ from spr.engine.deadletters import DeadLetterSink
 from spr.engine.failures import FlushFailed
 from spr.engine.pausing import Backpressure, Pausing
 from spr.engine.pipeline import AdminFactory, SinkFactory, StatePipeline
+from spr.engine.stalls import StallWatch
 from spr.engine.telemetry import EngineStats, Telemetry
 from spr.errors import ConfigError
 from spr.kafka import clients
@@ -85,6 +86,7 @@ class Engine:
         self.pipeline: StatePipeline | None = None
         self.pausing: Pausing | None = None
         self.telemetry: Telemetry | None = None
+        self.stalls: StallWatch | None = None
         self._consumer: Any = None
         self._max_buffered_bytes = 0
         self._last_lag_check_s = 0.0
@@ -136,6 +138,8 @@ class Engine:
             offset_gap_events=0 if positions is None else positions.offset_gap_events,
             buffered_bytes=pipeline.buffered_bytes,
             max_buffered_bytes=self._max_buffered_bytes,
+            stalled_partitions=0 if self.stalls is None else self.stalls.stalled,
+            stall_recoveries=0 if self.stalls is None else self.stalls.recoveries,
         )
 
     def run(self) -> EngineStats:
@@ -163,6 +167,10 @@ class Engine:
             admin=lambda: pipeline.positions.admin,
         )
         self.telemetry = telemetry
+        self.stalls = StallWatch(
+            config.stall_after_s,
+            watermarks=lambda keys: pipeline.positions.admin.watermarks(keys),
+        )
         pipeline.flush_listeners.append(self._flushed)
         pipeline.on_reassigned = self._reassigned
         try:
@@ -218,6 +226,7 @@ class Engine:
                 self._stop.set()
             pipeline.poll(may_block=not pausing.paused)
             self._backpressure()
+            self._check_stalls()
             self._tick_metrics()
             if config.idle_exit_s is not None and self._idle_and_caught_up():
                 log.info("idle for %.1f s with no lag: exiting", config.idle_exit_s)
@@ -240,6 +249,17 @@ class Engine:
             pause=pause or held,
             reason=flushing.hold_reason() if held else self.backpressure.reason,
             held=held,
+        )
+
+    def _check_stalls(self) -> None:
+        pipeline, pausing, stalls = self.pipeline, self.pausing, self.stalls
+        assert pipeline is not None and pausing is not None and stalls is not None
+        stalls.check(
+            self._consumer,
+            pipeline.positions,
+            paused=pausing.paused,
+            held=pipeline.flushing.holding,
+            now_s=self.clock.monotonic(),
         )
 
     def _idle_and_caught_up(self) -> bool:
@@ -348,11 +368,13 @@ class Engine:
 
 
 def _truncate(messages: list[Any], room: int) -> list[Any]:
+    """The first ``room`` data messages and what came before them; nothing after the cut
+    (an end-of-partition event there would claim records this run never took)."""
     kept: list[Any] = []
     for message in messages:
         if message.error() is None:
             if room <= 0:
-                continue
+                break
             room -= 1
         kept.append(message)
     return kept

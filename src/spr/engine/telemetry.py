@@ -45,7 +45,9 @@ class EngineStats:
     ``flush_retries`` counts failed flush attempts that were retried;
     ``circuit_state`` is the breaker's state (0 closed, 1 half-open, 2 open) and
     ``circuit_opens`` how often it opened; ``offset_gaps`` counts retention gaps skipped
-    and ``offset_gap_events`` the events lost in them.
+    and ``offset_gap_events`` the events lost in them; ``stalled_partitions`` are the
+    partitions stalled now and ``stall_recoveries`` the seeks that recovered them
+    (:mod:`spr.engine.stalls`).
     """
 
     consumed: int = 0
@@ -75,6 +77,8 @@ class EngineStats:
     circuit_opens: int = 0
     buffered_bytes: int = 0
     max_buffered_bytes: int = 0
+    stalled_partitions: int = 0
+    stall_recoveries: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -79,6 +79,7 @@ from spr.metrics.names import (
     PRODUCER_ERRORS_TOTAL,
     PRODUCER_RECORDS_TOTAL,
     REBALANCES_TOTAL,
+    STALLED_PARTITIONS,
     TOPIC_RETENTION_SECONDS,
 )
 from spr.metrics.prometheus import MetricsPublisher, SprMetrics
@@ -110,6 +111,7 @@ __all__ = [
     "PRODUCER_ERRORS_TOTAL",
     "PRODUCER_RECORDS_TOTAL",
     "REBALANCES_TOTAL",
+    "STALLED_PARTITIONS",
     "TOPIC_RETENTION_SECONDS",
     "BucketCounts",
     "LocalStats",

@@ -69,7 +69,8 @@ class LocalStats:
       ``offset_gap_events``, the ``latency`` and ``flush`` bucket counts, and
       ``partition_events`` (events per ``(topic, partition)``);
     - *current state*, kept across publishes: ``lag`` and ``lag_seconds`` per
-      ``(topic, partition)``, ``retention_seconds`` per topic, ``paused_partitions`` and
+      ``(topic, partition)``, ``retention_seconds`` per topic, ``paused_partitions``,
+      ``stalled_partitions`` and
       ``circuit_state``.
 
     Increment the attributes directly (``stats.applied += n``); that is the whole hot-path
@@ -96,6 +97,7 @@ class LocalStats:
         "rebalances",
         "retention_seconds",
         "stale",
+        "stalled_partitions",
     )
 
     def __init__(
@@ -122,6 +124,7 @@ class LocalStats:
         self.lag_seconds: dict[tuple[str, int], float] = {}
         self.retention_seconds: dict[str, float] = {}
         self.paused_partitions = 0
+        self.stalled_partitions = 0
         self.circuit_state = CIRCUIT_CLOSED
 
     def observe_latency(self, seconds: float, weight: int = 1) -> None:
@@ -186,7 +189,7 @@ def fold_engine_counters(
     refused, dead-lettered); ring lookups = consumed -
     invalid (every decodable event is looked up) and hits = duplicate; ``rebalances``;
     ``offset_gaps`` and ``offset_gap_events`` (retention gaps skipped, events lost in them).
-    ``paused_partitions`` is copied as a current value.
+    ``paused_partitions`` and ``stalled_partitions`` are copied as current values.
     """
 
     def delta(key: str) -> int:
@@ -202,6 +205,7 @@ def fold_engine_counters(
     stats.offset_gaps += delta("offset_gaps")
     stats.offset_gap_events += delta("offset_gap_events")
     stats.paused_partitions = int(current.get("paused_partitions", 0))
+    stats.stalled_partitions = int(current.get("stalled_partitions", 0))
 
 
 def partition_distribution_variance(counts: Sequence[int]) -> float:

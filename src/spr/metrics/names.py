@@ -22,12 +22,15 @@ IDEMPOTENCY_LOOKUPS_TOTAL = "spr_idempotency_lookups_total"
 PAUSED_PARTITIONS = "spr_paused_partitions"
 REBALANCES_TOTAL = "spr_rebalances_total"
 CIRCUIT_STATE = "spr_circuit_state"
-# Not in design §7: the "lag over 80 % of the retention window" alert needs both.
+# The "lag over 80 % of the retention window" alert needs both.
 CONSUMER_LAG_SECONDS = "spr_consumer_lag_seconds"
 TOPIC_RETENTION_SECONDS = "spr_topic_retention_seconds"
-# Not in design §7 either: retention gaps skipped by on_offset_gap = earliest|latest.
+# Retention gaps skipped by on_offset_gap = earliest|latest.
 OFFSET_GAPS_TOTAL = "spr_offset_gaps_total"
 OFFSET_GAP_EVENTS_TOTAL = "spr_offset_gap_events_total"
+# Not in design §7: partitions with lag that stopped moving for no reason spr knows
+# (spr.engine.stalls).
+STALLED_PARTITIONS = "spr_stalled_partitions"
 
 DESIGN_METRIC_NAMES: tuple[str, ...] = (
     CONSUMER_LAG,
@@ -42,13 +45,12 @@ DESIGN_METRIC_NAMES: tuple[str, ...] = (
     PAUSED_PARTITIONS,
     REBALANCES_TOTAL,
     CIRCUIT_STATE,
-)
-EXTRA_METRIC_NAMES: tuple[str, ...] = (
     CONSUMER_LAG_SECONDS,
     TOPIC_RETENTION_SECONDS,
     OFFSET_GAPS_TOTAL,
     OFFSET_GAP_EVENTS_TOTAL,
 )
+EXTRA_METRIC_NAMES: tuple[str, ...] = (STALLED_PARTITIONS,)
 METRIC_NAMES: tuple[str, ...] = DESIGN_METRIC_NAMES + EXTRA_METRIC_NAMES
 
 OUTCOMES: tuple[str, ...] = ("applied", "stale", "duplicate", "dead_lettered")

@@ -31,6 +31,7 @@ from spr.metrics.names import (
     PRODUCER_ERRORS_TOTAL,
     PRODUCER_RECORDS_TOTAL,
     REBALANCES_TOTAL,
+    STALLED_PARTITIONS,
     TOPIC_RETENTION_SECONDS,
     check_bounds,
 )
@@ -160,6 +161,12 @@ class SprMetrics:
         self.paused_partitions = Gauge(
             PAUSED_PARTITIONS, "Partitions currently paused by backpressure.", registry=r
         )
+        self.stalled_partitions = Gauge(
+            STALLED_PARTITIONS,
+            "Partitions with lag whose position stopped moving while spr did not hold them "
+            "(a bug or a broker problem; spr seeks and resumes them).",
+            registry=r,
+        )
         self.rebalances = Counter(
             REBALANCES_TOTAL, "Rebalance callbacks (assign, revoke, lost).", registry=r
         )
@@ -248,6 +255,7 @@ class MetricsPublisher:
         m.processor_latency.fold(stats.latency)
         m.flush_seconds.fold(stats.flush)
         m.paused_partitions.set(stats.paused_partitions)
+        m.stalled_partitions.set(stats.stalled_partitions)
         m.circuit_state.set(stats.circuit_state)
         self._lag_labels = _sync_partition_gauge(m.consumer_lag, stats.lag, self._lag_labels)
         self._lag_seconds_labels = _sync_partition_gauge(
