@@ -9,8 +9,9 @@ TRANSIENT  broker/network timeouts, PostgreSQL 08xxx, 40001,      retry with bac
            40P01, 55P03, 57014, 53xxx, a lost connection          jitter, bounded
 DATA       PostgreSQL 22xxx/23xxx on a batch                      bisect; dead-letter the rows
                                                                   that fail
-FATAL      bad credentials, missing table, 42xxx, anything        stop with one clear message,
-           not in the table                                       nothing committed
+FATAL      bad credentials, missing table, 42xxx, a batch whose   stop with one clear message,
+           rows all fail on a column spr does not write           nothing committed
+           (SchemaMismatch), anything not in the table
 =========  =====================================================  ==============================
 
 Errors are classified once, here, by what they *are* (SQLSTATE, Kafka error code and
@@ -31,6 +32,7 @@ from spr.errors import (
     ConfigError,
     DeadLetterUnavailable,
     InvalidEvent,
+    SchemaMismatch,
     ServerUnavailable,
     SprError,
     ToolMissing,
@@ -212,6 +214,7 @@ SPR_ERRORS: tuple[tuple[type[SprError], ErrorClass], ...] = (
     (InvalidEvent, INVALID),
     (ServerUnavailable, TRANSIENT),
     (DeadLetterUnavailable, FATAL),  # design §6: when the DLQ cannot be written, stop
+    (SchemaMismatch, FATAL),  # design §6: every row fails on a column spr does not write
     (ConfigError, FATAL),
     (ToolMissing, FATAL),
 )

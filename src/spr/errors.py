@@ -12,6 +12,7 @@ __all__ = [
     "DeadLetterUnavailable",
     "InvalidEvent",
     "ProducerError",
+    "SchemaMismatch",
     "ServerUnavailable",
     "SprError",
     "ToolMissing",
@@ -24,6 +25,12 @@ class SprError(Exception):
 
 class ConfigError(SprError):
     """A setting or argument is wrong; the message names it and what is expected."""
+
+
+class SchemaMismatch(ConfigError):
+    """The table does not fit the mapping: PostgreSQL rejects every row of a batch on a
+    column or constraint spr does not write (design §6). A schema problem, not bad data:
+    the engine stops with nothing committed instead of dead-lettering every event."""
 
 
 class ServerUnavailable(SprError):

@@ -29,7 +29,7 @@ from spr.clock import Clock
 from spr.config import EngineConfig
 from spr.engine.failures import FirstFailure, FlushFailed, first_line
 from spr.engine.intake import PendingBatch
-from spr.errors import DeadLetterUnavailable
+from spr.errors import SprError
 from spr.logs import log_event
 from spr.retry import CircuitBreaker, CircuitState, RetryAttempt
 from spr.sink.postgres import FlushResult, PostgresSink, RejectedRow, redact_dsn
@@ -357,8 +357,13 @@ class Flushing:
                 f"PostgreSQL stayed unavailable for {self.config.flush_retry_s:g} s "
                 f"({redact_dsn(self.config.dsn)}): {first_line(error)}"
             )
-        elif isinstance(error, DeadLetterUnavailable):
-            message = str(error)
+        elif isinstance(error, SprError):
+            # spr's own sentence (a dead-letter topic that cannot be written, a table
+            # that rejects every row): already says what happened and what to do.
+            if job is self.inflight:
+                self.inflight = None
+            self.failure.fail(error)
+            return
         elif error_class is ErrorClass.DATA:
             message = (
                 f"PostgreSQL rejected a row and dead letters are turned off: {first_line(error)}"
@@ -367,9 +372,7 @@ class Flushing:
             message = f"a flush to PostgreSQL failed: {first_line(error)}"
         if job is self.inflight:
             self.inflight = None
-        self.failure.fail(
-            error if isinstance(error, DeadLetterUnavailable) else FlushFailed(message, error)
-        )
+        self.failure.fail(FlushFailed(message, error))
 
     def _committed(self, job: FlushJob, result: FlushResult, duration_s: float, now: float) -> None:
         if job is self.inflight:

@@ -10,6 +10,10 @@ leave no effect. In the sink that is one ``SAVEPOINT`` per call inside the batch
 single transaction, so the rows that pass, the offsets past the rejected ones and the
 commit stay one transaction (dead letters are flushed before the commit). Rows are
 applied in their original order. Pure logic: nothing here blocks except ``apply``.
+
+When *every* row fails alone, and for one and the same reason, the batch may not be bad
+data at all but a table that does not fit the mapping (design §6): :func:`shared_failure`
+finds that reason, and the sink decides whether it is a schema problem.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Generic, TypeVar
 
 from spr.classify import ErrorClass, classify
 
-__all__ = ["Isolation", "isolate_poison"]
+__all__ = ["Isolation", "failure_reason", "isolate_poison", "shared_failure"]
 
 T = TypeVar("T")
 
@@ -70,3 +74,35 @@ def isolate_poison(
             continue
         result.applied += len(chunk)
     return result
+
+
+def failure_reason(error: BaseException) -> tuple[str, str, str, str, str] | None:
+    """What a database rejection is about: (SQLSTATE, schema, table, column, constraint)
+    from PostgreSQL's diagnostics (empty strings where it names nothing), or None for an
+    error without a SQLSTATE."""
+    sqlstate = getattr(error, "sqlstate", None)
+    diag = getattr(error, "diag", None)
+    if not sqlstate or diag is None:
+        return None
+    return (
+        str(sqlstate),
+        diag.schema_name or "",
+        diag.table_name or "",
+        diag.column_name or "",
+        diag.constraint_name or "",
+    )
+
+
+def shared_failure(isolation: Isolation[T], rows: int) -> BaseException | None:
+    """The error every one of ``rows`` rows was rejected with, when all of them failed
+    alone for one reason that names a column or a constraint (same SQLSTATE, table and
+    column or constraint); else None. One row counts too: it is then the whole batch."""
+    if rows <= 0 or len(isolation.rejected) != rows:
+        return None
+    reasons = {failure_reason(error) for _, error in isolation.rejected}
+    if len(reasons) != 1:
+        return None
+    reason = reasons.pop()
+    if reason is None or not (reason[3] or reason[4]):
+        return None
+    return isolation.rejected[0][1]

@@ -28,9 +28,9 @@ from psycopg import sql
 from spr._event import COLUMN_TYPES, STATE_COLUMNS
 from spr.classify import ErrorClass, classify
 from spr.config import DEFAULT_MAPPING, TableMapping
-from spr.errors import ConfigError, ServerUnavailable
+from spr.errors import ConfigError, SchemaMismatch, ServerUnavailable
 from spr.logs import redact
-from spr.sink.isolate import isolate_poison
+from spr.sink.isolate import isolate_poison, shared_failure
 from spr.sink.schema import STAGING_TABLE, TableSchema
 
 if TYPE_CHECKING:
@@ -284,9 +284,11 @@ class PostgresSink:
 
     # -- schema -----------------------------------------------------------------------
 
-    def init_schema(self) -> None:
-        """Create the tables, or fit an existing state table (see :meth:`TableSchema.init`)."""
-        self.schema.init(self.connect())
+    def init_schema(self, *, fit_existing_table: bool = False) -> None:
+        """Create the tables, or fit an existing state table (see :meth:`TableSchema.init`:
+        a table without the mapping's key columns is refused unless
+        ``fit_existing_table``)."""
+        self.schema.init(self.connect(), fit_existing_table=fit_existing_table)
 
     def verify_schema(self) -> None:
         """Check that the tables exist and fit the mapping (see :meth:`TableSchema.verify`)."""
@@ -316,6 +318,13 @@ class PostgresSink:
         passes is applied, the rows that fail alone go to ``dead_letter`` before the
         offsets upsert and the commit, so the offsets never pass a row that was neither
         applied nor dead-lettered. Without a ``dead_letter`` the DATA error propagates.
+
+        A rejection that is a schema problem rather than bad data raises
+        :class:`SchemaMismatch` (FATAL) instead, with nothing committed and nothing
+        dead-lettered: every row of the batch failed alone for one reason on a column or
+        constraint the mapping does not write (a batch of one row included: that column's
+        value never comes from an event, so the next event would fail the same way), or
+        the first rejection already proves it (see :meth:`TableSchema.schema_problem`).
         """
         if tuple(batch.columns) != STATE_COLUMNS:
             raise ConfigError("the sink stages every column: build the Batch with STATE_COLUMNS")
@@ -348,8 +357,16 @@ class PostgresSink:
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 self._drop_connection()
+            if not rows or classify(exc) is not ErrorClass.DATA:
+                raise
+            # Before any bisection: a NOT NULL or CHECK on a column spr never writes
+            # rejects every row alike, and bisecting 40k rows one savepoint at a time
+            # would take minutes to find that out.
+            problem = self.schema.schema_problem(conn, exc, every_row_failed=False)
+            if problem is not None:
+                raise SchemaMismatch(problem) from exc
             dead_letter = self.dead_letter
-            if dead_letter is None or not rows or classify(exc) is not ErrorClass.DATA:
+            if dead_letter is None:
                 raise
             log.warning("a row of the batch was rejected (%s); isolating it", _first_line(exc))
             return self._flush_isolating(batch, offsets, dead_letter)
@@ -387,6 +404,13 @@ class PostgresSink:
                     applied += merged
 
                 isolation = isolate_poison(rows, apply)
+                shared = shared_failure(isolation, len(rows))
+                if shared is not None:
+                    problem = self.schema.schema_problem(conn, shared, every_row_failed=True)
+                    if problem is not None:
+                        # Raised inside the transaction: it rolls back, and no row is
+                        # dead-lettered.
+                        raise SchemaMismatch(problem) from shared
                 rejected = [
                     RejectedRow(
                         topic=str(row[_TOPIC_INDEX]),
