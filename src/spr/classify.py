@@ -79,6 +79,7 @@ SQLSTATE_CODES: Mapping[str, ErrorClass] = {
     "57P02": TRANSIENT,  # crash_shutdown
     "57P03": TRANSIENT,  # cannot_connect_now: the server is starting up
     "57P05": TRANSIENT,  # idle_session_timeout
+    "25P03": TRANSIENT,  # idle_in_transaction_session_timeout: a flush frozen mid-way
     "25006": TRANSIENT,  # read_only_sql_transaction: connected to a standby during failover
     "P0001": DATA,  # raise_exception: a trigger on a mapped table rejected the row
     "P0004": DATA,  # assert_failure in such a trigger

@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 
 from spr.batch import STATE_COLUMNS, Batch
+from spr.classify import ErrorClass, classify
 from spr.config import ORDERS_MAPPING, TableMapping
 from spr.decode import Event
 from spr.errors import ConfigError, ServerUnavailable
@@ -45,11 +46,13 @@ def batch_of(*items: tuple[Event, int], topic: str = "t", partition: int = 0) ->
 
 
 @pytest.fixture
-def sink(dsn: str, unique_name: Callable[[str], str]) -> Any:
+def sink(dsn: str, pg: Any, unique_name: Callable[[str], str]) -> Any:
     mapping = TableMapping(table=unique_name("state"), offsets_table=unique_name("offsets"))
     with PostgresSink(dsn, group_id="g", mapping=mapping, statement_timeout_ms=2_000) as s:
         s.init_schema()
         yield s
+    for table in (mapping.table, mapping.offsets_table, mapping.gaps_table):
+        pg.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
 
 
 def rows(pg: psycopg.Connection[Any], table: str) -> dict[tuple[str, str], tuple[Any, ...]]:
@@ -129,6 +132,49 @@ def test_failed_flush_writes_nothing(sink: PostgresSink, dsn: str, pg: Any) -> N
     assert sink.load_offsets("g", ["t"]) == {("t", 0): 1}
     # The same batch again succeeds: a flush is idempotent and retryable.
     sink.flush(batch_of((event("1", 2, "b"), 1), (event("9", 1, "c"), 2)))
+    assert rows(pg, table)[("order", "1")] == (2, "b", 1)
+
+
+def test_a_flush_transaction_left_idle_cannot_block_others_for_long(
+    sink: PostgresSink, dsn: str, pg: Any
+) -> None:
+    """A member frozen mid-flush (SIGSTOP, a VM pause) leaves its transaction idle,
+    holding row locks; the server ends it, so the other members' flushes wait for a
+    bounded time, not until the frozen one comes back."""
+    table = sink.mapping.table
+    sink.flush(batch_of((event("1", 1, "a"), 0)))
+    frozen = sink.connect()
+    settings = {
+        name: frozen.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
+        for name in ("statement_timeout", "idle_in_transaction_session_timeout")
+    }
+    assert settings == {
+        "statement_timeout": ("2s",),
+        "idle_in_transaction_session_timeout": ("10s",),
+    }
+    frozen.execute("BEGIN")
+    frozen.execute(
+        sql.SQL("UPDATE {} SET state = 'frozen' WHERE entity_id = '1'").format(
+            sql.Identifier(table)
+        )
+    )
+    started = time.monotonic()
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SET statement_timeout = '60s'")
+        other.execute(  # blocks on the frozen transaction's row lock
+            sql.SQL("UPDATE {} SET state = 'moved' WHERE entity_id = '1'").format(
+                sql.Identifier(table)
+            )
+        )
+    waited = time.monotonic() - started
+    assert 8 < waited < 15, waited
+    assert rows(pg, table)[("order", "1")][1] == "moved"
+    # The frozen member finds its session gone (a transient error: the engine retries),
+    # reconnects and flushes again, harmlessly.
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout) as ended:
+        sink.flush(batch_of((event("1", 2, "b"), 1)))
+    assert classify(ended.value) is ErrorClass.TRANSIENT
+    sink.flush(batch_of((event("1", 2, "b"), 1)))
     assert rows(pg, table)[("order", "1")] == (2, "b", 1)
 
 

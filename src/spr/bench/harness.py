@@ -80,6 +80,11 @@ def _summarise(
     if rate is None:
         entry["status"] = "error"
         entry["reason"] = f"only {timeline[-1][1] if timeline else 0:,} of {total:,} events done"
+    elif end is not None and first is not None:
+        units = report.units_within(timeline, first, total)
+        if report.measured_rate(total, end - first, units) is None:
+            # Kept in the document for reference; never printed as a throughput.
+            entry["too_short"] = True
     if verification is not None:
         entry["verification"] = verification.as_dict()
         if entry["status"] == "ok" and not verification.ok:
@@ -436,7 +441,9 @@ def _compare(ws: Workspace, document: dict[str, Any], series: dict[str, Any]) ->
         contenders[name] = entry
         rate = entry.get("events_per_s")
         say = f"{name}: {entry['status']}"
-        if rate:
+        if entry.get("too_short"):
+            say += f", {report.TOO_SHORT}"
+        elif rate:
             say += f", {rate:,.0f} events/s"
         if entry.get("reason"):
             say += f" ({entry['reason']})"

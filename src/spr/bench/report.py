@@ -6,6 +6,11 @@ contender whenever a unit of work became durable (a committed flush, a committed
 a consumed batch for the raw ceiling). Throughput is measured from the contender's first
 received message to the moment its timeline reaches the expected total, so start-up and
 the consumer-group join are excluded for every contender alike.
+
+A rate timed over less than :data:`MIN_RATE_SPAN_S` or over fewer than
+:data:`MIN_RATE_FLUSHES` durable units is start-up noise, not a throughput (2,000 events
+read in one fetch would "run" at a hundred million events/s): :func:`measured_rate` says
+None then, and the table prints "too short to measure" instead of a number.
 """
 
 from __future__ import annotations
@@ -15,21 +20,37 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from spr.engine.telemetry import MIN_RATE_FLUSHES, MIN_RATE_SPAN_S, TOO_SHORT, measured_rate
+
 __all__ = [
+    "MIN_RATE_FLUSHES",
+    "MIN_RATE_SPAN_S",
+    "TOO_SHORT",
     "FlushRecord",
     "cumulative_from_flushes",
     "done_time",
     "format_report",
     "latencies_ms",
     "latency_summary",
+    "measured_rate",
     "percentile",
     "rate_series",
     "ratios",
     "throughput",
+    "units_within",
 ]
 
 # (commit wall time in s, {partition: next offset}) as written by the spr worker.
 FlushRecord = tuple[float, Mapping[int, int]]
+
+
+def units_within(timeline: Sequence[tuple[float, int]], first_s: float | None, total: int) -> int:
+    """How many timeline points (durable units) fall between ``first_s`` and the point
+    at which the timeline reached ``total``."""
+    end = done_time(timeline, total)
+    if end is None or first_s is None:
+        return 0
+    return sum(1 for t, _ in timeline if first_s <= t <= end)
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -195,9 +216,12 @@ def format_report(document: Mapping[str, Any]) -> str:
         ]
     contenders = document.get("contenders", {})
     ratio_map = document.get("ratios", {})
+    too_short = [name for name, c in contenders.items() if c.get("too_short")]
+    spr_too_short = bool(contenders.get("spr", {}).get("too_short"))
     for name, c in contenders.items():
         rate = c.get("events_per_s")
-        ratio = ratio_map.get(name)
+        ratio = None if c.get("too_short") or spr_too_short else ratio_map.get(name)
+        shown = "too short" if c.get("too_short") else "-" if rate is None else f"{rate:,.0f}"
         check = c.get("verification")
         if check is None:
             verdict = "-"
@@ -211,12 +235,18 @@ def format_report(document: Mapping[str, Any]) -> str:
         status = c.get("status", "?")
         lines.append(
             f"{name:<14}{status:<10}{c.get('events') or 0:>11,}"
-            f"{'-' if rate is None else f'{rate:,.0f}':>12}"
+            f"{shown:>12}"
             f"{'' if ratio is None else f'{ratio:,.2f}':>9}"
             f"{_mb(c.get('peak_rss_mb')):>13}  {verdict}"
         )
         if status not in ("ok",) and c.get("reason"):
             lines.append(f"{'':<14}└ {c['reason']}")
+    if too_short:
+        lines += [
+            "",
+            f"{TOO_SHORT}: {', '.join(too_short)} (a rate needs at least "
+            f"{MIN_RATE_SPAN_S:g} s and {MIN_RATE_FLUSHES} commits; give more --events)",
+        ]
     spr = contenders.get("spr", {})
     stats = spr.get("stats") or {}
     if stats:

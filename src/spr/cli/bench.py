@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from spr.cli.options import add_verbose_option, require_database, require_kafka, require_writable
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from spr.bench.harness import SKIPPABLE
@@ -17,50 +19,121 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "each table against the expected state, and report events/s, ratios, latency "
         "and peak RSS.",
     )
-    cmd.add_argument("--events", type=int, default=1_000_000, metavar="N")
-    cmd.add_argument("--entities", type=int, default=100_000, metavar="K")
-    cmd.add_argument("--partitions", type=int, default=12, metavar="P")
-    cmd.add_argument("--duplicates", type=float, default=0.05, metavar="FRACTION")
-    cmd.add_argument("--stale", type=float, default=0.02, metavar="FRACTION")
-    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument(
+        "--events", type=int, default=1_000_000, metavar="N", help="events to produce and consume"
+    )
+    cmd.add_argument("--entities", type=int, default=100_000, metavar="K", help="distinct entities")
+    cmd.add_argument(
+        "--partitions", type=int, default=12, metavar="P", help="partitions of the bench topic"
+    )
+    cmd.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.05,
+        metavar="FRACTION",
+        help="share of events sent twice (the idempotency ring drops them)",
+    )
+    cmd.add_argument(
+        "--stale",
+        type=float,
+        default=0.02,
+        metavar="FRACTION",
+        help="share of events re-sent with an older sequence (the guard ignores them)",
+    )
+    cmd.add_argument("--seed", type=int, default=0, help="same seed, same events")
     cmd.add_argument("--workers", type=int, default=1, metavar="N", help="spr processes")
     cmd.add_argument(
         "--rate",
         type=float,
         default=None,
         metavar="R",
-        help="latency mode only: produce a steady R events/s while spr consumes",
+        help="latency mode only: produce a steady R events/s while spr consumes "
+        "(default: the full comparison)",
     )
     cmd.add_argument(
         "--latency-rate",
         type=float,
         default=10_000.0,
         metavar="R",
-        help="rate of the latency phase of a full run (default 10000)",
+        help="rate of the latency phase of a full run, events/s",
     )
-    cmd.add_argument("--latency-seconds", type=float, default=10.0, metavar="S")
+    cmd.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="how long the latency phase produces",
+    )
     cmd.add_argument(
         "--skip",
         default="",
         metavar="LIST",
-        help=f"comma-separated contenders to leave out: {', '.join(SKIPPABLE)}",
+        help=f"comma-separated contenders to leave out: {', '.join(SKIPPABLE)} (default: none)",
     )
-    cmd.add_argument("--skip-quix", action="store_true", help="same as --skip quix")
-    cmd.add_argument("--antipattern-events", type=int, default=10_000, metavar="N")
-    cmd.add_argument("--batch-max-rows", type=int, default=None, metavar="N")
-    cmd.add_argument("--batch-max-age-ms", type=int, default=None, metavar="MS")
-    cmd.add_argument("--bootstrap", default=None, metavar="B")
-    cmd.add_argument("--dsn", default=None, metavar="D")
-    cmd.add_argument("--json", type=Path, default=None, metavar="FILE")
-    cmd.add_argument("--plot", type=Path, default=None, metavar="FILE.png")
-    cmd.add_argument("--keep", action="store_true", help="keep topics and tables (debugging)")
-    cmd.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    cmd.add_argument(
+        "--skip-quix", action="store_true", help="same as --skip quix (default: run it)"
+    )
+    cmd.add_argument(
+        "--antipattern-events",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="events the one-insert-per-message anti-pattern processes (it is slow)",
+    )
+    cmd.add_argument(
+        "--batch-max-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="spr's batch row cap (default: the engine's, 40,000)",
+    )
+    cmd.add_argument(
+        "--batch-max-age-ms",
+        type=int,
+        default=None,
+        metavar="MS",
+        help="spr's batch age cap (default: the engine's, 200)",
+    )
+    cmd.add_argument(
+        "--bootstrap",
+        default=None,
+        metavar="B",
+        help="Kafka bootstrap servers (default $SPR_BOOTSTRAP or 127.0.0.1:9092)",
+    )
+    cmd.add_argument(
+        "--dsn",
+        default=None,
+        metavar="D",
+        help="PostgreSQL DSN (default $SPR_DSN or the local dev stack)",
+    )
+    cmd.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the report as JSON (default: none)",
+    )
+    cmd.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="draw the rates and latency as PNG (default: none)",
+    )
+    cmd.add_argument(
+        "--keep", action="store_true", help="keep topics and tables (debugging; default: drop)"
+    )
+    cmd.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress lines (default: progress)"
+    )
+    add_verbose_option(cmd)
     cmd.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     from spr.bench import harness, report
     from spr.config.defaults import default_bootstrap, default_dsn
+    from spr.dev.loadgen import LoadSpec
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.skip_quix:
@@ -84,6 +157,20 @@ def _main(args: argparse.Namespace) -> int:
         batch_max_age_ms=args.batch_max_age_ms,
         keep=args.keep,
     )
+    # Every argument, then both servers, before the bench creates anything.
+    LoadSpec(
+        count=options.events,
+        entities=options.entities,
+        seed=options.seed,
+        duplicates=options.duplicates,
+        stale=options.stale,
+        value_size=options.value_size,
+    )
+    for path in (args.json, args.plot):
+        if path is not None:
+            require_writable(path)
+    require_kafka(options.bootstrap)
+    require_database(options.dsn)
 
     def progress(text: str) -> None:
         if not args.quiet:

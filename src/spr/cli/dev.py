@@ -1,4 +1,4 @@
-"""``spr dev up | down | status: the local stack.``"""
+"""``spr dev up | down | status``: the local stack."""
 
 from __future__ import annotations
 
@@ -15,10 +15,20 @@ from spr.dev.stack import DevStack
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dev = subparsers.add_parser(
-        "dev", help="run a local Apache Kafka (KRaft) + PostgreSQL on 127.0.0.1"
+        "dev",
+        help="run a local Apache Kafka (KRaft) + PostgreSQL on 127.0.0.1",
+        description="The local stack: Apache Kafka (KRaft) on 127.0.0.1:9092 and PostgreSQL "
+        "on 127.0.0.1:55432 (ports from $SPR_DEV_KAFKA_PORT / $SPR_DEV_PG_PORT), with "
+        "data and logs under $SPR_DEV_DIR. 'up' starts what is not running and waits "
+        "until both answer; 'down' stops only what 'up' started; 'status' exits 1 when "
+        "either is down.",
     )
-    dev.add_argument("action", choices=("up", "down", "status"))
-    dev.add_argument("--json", action="store_true", help="status as JSON")
+    dev.add_argument(
+        "action",
+        choices=("up", "down", "status"),
+        help="up: start and wait; down: stop what up started; status: report",
+    )
+    dev.add_argument("--json", action="store_true", help="print the status as JSON (default: text)")
     dev.set_defaults(func=_main)
 
 

@@ -1,11 +1,16 @@
-"""``spr lag: a group's lag per partition.``"""
+"""``spr lag``: a group's lag per partition."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from spr.cli.options import add_kafka_options, kafka_settings
+from spr.cli.options import (
+    add_kafka_options,
+    add_verbose_option,
+    kafka_settings,
+    resolve_bootstrap,
+)
 from spr.ops.lag import DEFAULT_MAX_RETENTION_FRACTION, LagReport, measure_lag
 
 
@@ -15,21 +20,39 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a consumer group's lag per partition, in messages and as a share of retention",
         description="Lag per partition from Kafka's group offsets; exits 1 above a threshold.",
     )
-    p.add_argument("--group", required=True, help="consumer group id")
+    p.add_argument("--group", required=True, metavar="G", help="consumer group id")
     p.add_argument(
-        "--topic", action="append", default=[], help="topic (repeatable; default: the group's)"
+        "--topic",
+        action="append",
+        default=[],
+        metavar="T",
+        help="topic (repeatable; default: every topic the group has offsets for)",
     )
-    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers ($SPR_BOOTSTRAP)")
-    p.add_argument("--max-lag", type=int, default=None, help="fail when a partition lags more")
+    p.add_argument(
+        "--bootstrap",
+        default=None,
+        metavar="B",
+        help="Kafka bootstrap servers (default $SPR_BOOTSTRAP or 127.0.0.1:9092; "
+        "-X bootstrap.servers wins)",
+    )
+    p.add_argument(
+        "--max-lag",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fail when a partition lags more than N messages (default: no limit)",
+    )
     p.add_argument(
         "--max-retention-fraction",
         type=_fraction_or_none,
         default=DEFAULT_MAX_RETENTION_FRACTION,
+        metavar="F",
         help="fail when the oldest unread message is older than this share of retention.ms "
         "(default 0.8; 'none' disables)",
     )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (default: text)")
     add_kafka_options(p)
+    add_verbose_option(p)
     p.set_defaults(func=_main)
 
 
@@ -43,11 +66,13 @@ def _fraction_or_none(text: str) -> float | None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    settings = kafka_settings(args)
+    bootstrap = resolve_bootstrap(args.bootstrap, settings)
     report = measure_lag(
         args.group,
         topics=args.topic,
-        bootstrap=args.bootstrap,
-        kafka=kafka_settings(args),
+        bootstrap=bootstrap,
+        kafka=settings,
         max_lag=args.max_lag,
         max_retention_fraction=args.max_retention_fraction,
     )

@@ -9,7 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from spr.cli.options import parse_kafka_overrides
+from spr.cli.options import (
+    add_verbose_option,
+    parse_kafka_overrides,
+    require_writable,
+    resolve_bootstrap,
+)
 from spr.dev.loadgen import DEFAULT_PARTITIONS, LoadSpec, produce
 from spr.errors import ConfigError
 
@@ -24,37 +29,82 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "spr's producer (routing key, headers, idempotence). Creates the topic when "
         "it is missing.",
     )
-    cmd.add_argument("--topic", required=True)
-    cmd.add_argument("--count", type=int, required=True, help="messages to send")
-    cmd.add_argument("--entities", type=int, default=10_000, help="distinct entities")
-    cmd.add_argument("--seed", type=int, default=0, help="same seed, same events")
-    cmd.add_argument("--rate", type=float, default=None, help="max messages per second")
+    cmd.add_argument("--topic", required=True, metavar="T", help="topic to produce to")
+    cmd.add_argument("--count", type=int, required=True, metavar="N", help="messages to send")
+    cmd.add_argument("--entities", type=int, default=10_000, metavar="K", help="distinct entities")
+    cmd.add_argument("--seed", type=int, default=0, metavar="S", help="same seed, same events")
+    cmd.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="max messages per second (default: as fast as the broker takes them)",
+    )
     cmd.add_argument(
         "--partitions",
         type=int,
         default=DEFAULT_PARTITIONS,
-        help=f"partitions when the topic is created (default {DEFAULT_PARTITIONS})",
+        metavar="P",
+        help="partitions when the topic is created (an existing topic keeps its own)",
     )
     cmd.add_argument(
         "--bootstrap",
         default=None,
-        help="Kafka bootstrap servers (default $SPR_BOOTSTRAP or 127.0.0.1:9092)",
+        metavar="B",
+        help="Kafka bootstrap servers (default $SPR_BOOTSTRAP or 127.0.0.1:9092; "
+        "-X bootstrap.servers wins)",
     )
-    cmd.add_argument("--duplicates", type=float, default=0.0, metavar="FRACTION")
-    cmd.add_argument("--stale", type=float, default=0.0, metavar="FRACTION")
-    cmd.add_argument("--aliases", type=float, default=0.0, metavar="FRACTION")
-    cmd.add_argument("--value-size", type=int, default=200, metavar="BYTES")
-    cmd.add_argument("--manifest", type=Path, default=None, metavar="FILE")
+    cmd.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of events sent a second time (same identity)",
+    )
+    cmd.add_argument(
+        "--stale",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of events re-sent later with an older sequence",
+    )
+    cmd.add_argument(
+        "--aliases",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of events using the accepted field aliases (entityType, status, ...)",
+    )
+    cmd.add_argument(
+        "--value-size",
+        type=int,
+        default=200,
+        metavar="BYTES",
+        help="approximate size of each message value",
+    )
+    cmd.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the expected final state per entity as JSON (default: none; the "
+        "path is checked before anything is sent)",
+    )
     cmd.add_argument(
         "-X",
         "--producer-config",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="librdkafka producer setting; overrides spr's defaults (repeatable)",
+        help="librdkafka producer setting; overrides spr's defaults (repeatable; default: none)",
     )
-    cmd.add_argument("--progress", action="store_true", help="progress bar even without a TTY")
-    cmd.add_argument("--json", action="store_true", help="print the report as JSON")
+    cmd.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bar even without a TTY (default: only on a TTY)",
+    )
+    cmd.add_argument("--json", action="store_true", help="print the report as JSON (default: text)")
+    add_verbose_option(cmd)
     cmd.set_defaults(func=_main)
 
 
@@ -75,9 +125,8 @@ def _progress_bar(stream: TextIO) -> Callable[[int, int, float], None]:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from spr.config.defaults import default_bootstrap
-
-    bootstrap = args.bootstrap or default_bootstrap()
+    producer_config = parse_kafka_overrides(args.producer_config)
+    bootstrap = resolve_bootstrap(args.bootstrap, producer_config)
     spec = LoadSpec(
         count=args.count,
         entities=args.entities,
@@ -89,6 +138,8 @@ def _main(args: argparse.Namespace) -> int:
     )
     if args.partitions < 1:
         raise ConfigError(f"--partitions must be >= 1, got {args.partitions}")
+    if args.manifest is not None:
+        require_writable(args.manifest)
     show = args.progress or sys.stderr.isatty()
     report = produce(
         spec,
@@ -96,7 +147,7 @@ def _main(args: argparse.Namespace) -> int:
         bootstrap=bootstrap,
         partitions=args.partitions,
         rate=args.rate,
-        producer_config=parse_kafka_overrides(args.producer_config),
+        producer_config=producer_config,
         manifest_path=args.manifest,
         progress=_progress_bar(sys.stderr) if show else None,
     )

@@ -24,7 +24,12 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help=f"number of partitions of the topic (default {DEFAULT_PARTITIONS})",
     )
-    parser.add_argument("routing_keys", nargs="+", metavar="ENTITY_TYPE:ENTITY_ID")
+    parser.add_argument(
+        "routing_keys",
+        nargs="+",
+        metavar="ENTITY_TYPE:ENTITY_ID",
+        help="the entities to place, e.g. order:42",
+    )
     parser.set_defaults(func=_route_command)
 
 

@@ -1,4 +1,4 @@
-"""``spr run`` (the consumer engine) and ``spr db init`` (the tables), design §8.
+"""``spr run``: the consumer engine, design §8.
 
 ``spr run --topic T [--topic T2 ...] --group G`` consumes into PostgreSQL until SIGTERM
 or SIGINT (then it flushes, commits and exits 0), until ``--max-events`` messages, or,
@@ -15,7 +15,12 @@ writes one JSON object per log line.
 
 Settings come from ``--config FILE.toml``, then ``SPR_*`` variables, then flags (flags
 win); ``-X key=value`` passes librdkafka settings through to the consumer. A missing
-server or a bad setting ends the command with one sentence and exit code 2.
+server or a bad setting ends the command with one sentence and exit code 2, before
+anything is written: the consumer settings and the broker are checked first.
+
+The closing line reports the *active* rate, events over the time from the first message
+consumed to the last flush committed (an ``--idle-exit`` wait is not work), and the wall
+time separately; a span too short to time says so instead of printing a number.
 """
 
 from __future__ import annotations
@@ -31,11 +36,18 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from spr.cli.options import add_table_options, parse_kafka_overrides
-from spr.config import load_engine_config
+from spr.cli.options import (
+    add_table_options,
+    parse_kafka_overrides,
+    require_kafka,
+    require_writable,
+)
+from spr.config import BatchPolicy, EngineConfig, load_engine_config
+from spr.errors import ConfigError
+from spr.kafka.clients import check_settings
 from spr.logs import configure_logging
 
-__all__ = ["register"]
+__all__ = ["check_engine_servers", "register", "run_engine", "summary"]
 
 log = logging.getLogger("spr.cli.run")
 
@@ -44,12 +56,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run = subparsers.add_parser(
         "run",
         help="consume topics into PostgreSQL, exactly once",
-        description="Consume entity state changes from Kafka into PostgreSQL, exactly once.",
+        description="Consume entity state changes from Kafka into PostgreSQL, exactly once. "
+        "Settings come from --config, then SPR_* variables, then these flags.",
     )
     run.add_argument(
-        "--topic", action="append", dest="topics", metavar="T", help="topic to consume (repeatable)"
+        "--topic",
+        action="append",
+        dest="topics",
+        metavar="T",
+        help="topic to consume (repeatable; required unless topics are set in --config "
+        "or $SPR_TOPICS)",
     )
-    run.add_argument("--group", dest="group_id", metavar="G", help="consumer group id")
+    run.add_argument(
+        "--group",
+        dest="group_id",
+        metavar="G",
+        help="consumer group id (required unless set in --config or $SPR_GROUP)",
+    )
     add_table_options(run)
     run.add_argument(
         "--workers", type=int, metavar="N", help="engine processes to run in the group (default 1)"
@@ -59,21 +82,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         dest="idle_exit_s",
         type=float,
         metavar="SECONDS",
-        help="exit 0 once idle this long with every partition applied",
+        help="exit 0 once nothing arrived for this long and the group has no lag on its "
+        "topics (default: run until stopped)",
     )
     run.add_argument(
-        "--max-events", type=int, metavar="N", help="stop after consuming N messages (per worker)"
+        "--max-events",
+        type=int,
+        metavar="N",
+        help="stop after consuming N messages, per worker (default: no limit)",
     )
     run.add_argument(
         "--bootstrap",
         metavar="B",
-        help="Kafka bootstrap servers (default $SPR_BOOTSTRAP or 127.0.0.1:9092)",
+        help="Kafka bootstrap servers (default $SPR_BOOTSTRAP or 127.0.0.1:9092; "
+        "-X bootstrap.servers wins)",
     )
     run.add_argument(
         "--auto-create-schema",
         action="store_true",
         default=None,
-        help="create the tables when missing instead of failing",
+        help="create the tables when missing instead of failing (default: fail)",
     )
     run.add_argument(
         "-X",
@@ -81,11 +109,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="librdkafka consumer setting (repeatable; wins over spr's defaults)",
+        help="librdkafka consumer setting (repeatable; wins over spr's defaults; default: none)",
     )
-    run.add_argument("--batch-max-rows", type=int, metavar="N", help="flush at N rows")
-    run.add_argument("--batch-max-age-ms", type=int, metavar="MS", help="flush at this age")
-    run.add_argument("--stats", metavar="FILE", help="write the final counters as JSON")
+    run.add_argument(
+        "--batch-max-rows",
+        type=int,
+        metavar="N",
+        help=f"flush a batch at N distinct rows (default {BatchPolicy().max_rows:,})",
+    )
+    run.add_argument(
+        "--batch-max-age-ms",
+        type=int,
+        metavar="MS",
+        help=f"flush a batch once its oldest event is MS old (default {BatchPolicy().max_age_ms})",
+    )
+    run.add_argument(
+        "--stats", metavar="FILE", help="write the final counters as JSON (default: none)"
+    )
     run.add_argument(
         "--dlq-topic",
         metavar="T",
@@ -96,15 +136,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         dest="dead_letters",
         action="store_false",
         default=None,
-        help="turn dead letters off: invalid events are only counted, rejected rows stop the run",
+        help="turn dead letters off: invalid events are only counted, rejected rows stop "
+        "the run (default: dead letters on)",
     )
     run.add_argument(
         "--on-offset-gap",
         choices=("fail", "earliest", "latest"),
-        help="when retention deleted unapplied events: stop (default) or skip the gap",
+        help="when retention deleted unapplied events: stop (default: fail) or skip the gap",
     )
     run.add_argument(
-        "--metrics-port", type=int, metavar="P", help="serve Prometheus metrics on this port"
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve Prometheus metrics on this port (default: no endpoint)",
     )
     run.add_argument(
         "--metrics-addr",
@@ -112,8 +156,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="ADDR",
         help="address of the metrics endpoint (default 127.0.0.1)",
     )
-    run.add_argument("--log-json", action="store_true", help="log JSON lines (INFO and up)")
-    run.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    run.add_argument(
+        "--log-json", action="store_true", help="log JSON lines, INFO and up (default: text)"
+    )
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log progress at INFO level, with the Kafka client's own lines (default: quiet)",
+    )
     run.set_defaults(func=_run)
 
 
@@ -143,25 +194,75 @@ def _run(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose or args.log_json else logging.WARNING,
     )
     # The client logs every failed connection attempt; the engine reports what matters.
-    logging.getLogger("spr.kafka").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
+    logging.getLogger("spr.kafka").setLevel(logging.INFO if args.verbose else logging.CRITICAL + 1)
+    if args.dead_letters is False and args.dlq_topic is not None:
+        raise ConfigError(
+            "--no-dlq turns dead letters off, so --dlq-topic has nowhere to apply; "
+            "pass one or the other"
+        )
     config = load_engine_config(
         file=args.config, flags=_flags(args), kafka_flags=parse_kafka_overrides(args.kafka)
     )
+    if args.stats:
+        require_writable(args.stats)
+    check_engine_servers(config)
     if config.workers > 1:
-        return _run_workers(args, config.workers)
+        # Each worker would report a missing database or table on its own line: check
+        # once here, as every worker's engine will when it opens.
+        from spr.sink.postgres import PostgresSink
 
+        with PostgresSink.from_config(config) as sink:
+            sink.ensure_schema(auto_create=config.auto_create_schema)
+        return _run_workers(args, config.workers)
+    return run_engine(
+        config,
+        command="run",
+        metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
+        stats_path=args.stats,
+    )
+
+
+def check_engine_servers(config: EngineConfig) -> None:
+    """What can be checked before the engine touches anything: the consumer settings
+    (ConfigError naming a key librdkafka refuses), that Kafka answers at the address
+    the consumer will use (ServerUnavailable, within a fraction of a second when the
+    connection is refused) and that the topics exist (ConfigError), so that no table is
+    created for a run that cannot start. The database is checked by the engine when it
+    opens."""
+    from spr.kafka.admin import KafkaAdmin
+
+    consumer_config = config.consumer_config()
+    check_settings(consumer_config)
+    require_kafka(str(consumer_config["bootstrap.servers"]), config.kafka)
+    KafkaAdmin(consumer_config).partitions(config.topics)
+
+
+def run_engine(
+    config: EngineConfig,
+    *,
+    command: str,
+    metrics_port: int | None = None,
+    metrics_addr: str = "127.0.0.1",
+    stats_path: str | None = None,
+    stats_sink: dict[str, Any] | None = None,
+) -> int:
+    """Run one engine until it stops (signal, ``max_events``, ``idle_exit_s``) and print
+    its summary on stderr: the active rate (first message to last commit) and the wall
+    time, separately. The final counters, with ``wall_s``, ``active_s`` and
+    ``events_per_s`` (None when the span was too short to time), go to ``stats_path``
+    as JSON and into ``stats_sink``. Blocks; raises SprError with one sentence."""
+    from spr.dlq import dead_letter_sink
     from spr.engine import Engine
     from spr.metrics import MetricsPublisher, SprMetrics, serve
 
     server = None
     publisher = None
-    if args.metrics_port is not None:
+    if metrics_port is not None:
         metrics = SprMetrics()
-        server = serve(args.metrics_port, args.metrics_addr, registry=metrics.registry)
+        server = serve(metrics_port, metrics_addr, registry=metrics.registry)
         publisher = MetricsPublisher(metrics)
         log.info("metrics on %s", server.url)
-    from spr.dlq import dead_letter_sink
-
     engine = Engine(config, dead_letters=dead_letter_sink(config), metrics=publisher)
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -176,18 +277,38 @@ def _run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if server is not None:
             server.close()
-    elapsed = time.monotonic() - start
-    if args.stats:
-        Path(args.stats).write_text(json.dumps({**stats.as_dict(), "elapsed_s": elapsed}))
-    rate = stats.consumed / elapsed if elapsed > 0 else 0.0
+    wall = time.monotonic() - start
+    active, rate = stats.active_s, stats.events_per_s
+    final = {**stats.as_dict(), "elapsed_s": wall, "wall_s": wall}
+    if stats_sink is not None:
+        stats_sink.update(final)
+    if stats_path:
+        Path(stats_path).write_text(json.dumps(final))
     print(
-        f"spr run: consumed {stats.consumed} event(s) in {elapsed:.1f} s ({rate:,.0f}/s): "
-        f"{stats.applied} applied, {stats.stale} stale, {stats.collapsed} collapsed, "
-        f"{stats.duplicate} duplicate, {stats.invalid} invalid, {stats.rejected} rejected by "
-        f"the database; {stats.flushes} flush(es)",
-        file=sys.stderr,
+        f"spr {command}: {summary(stats, wall_s=wall, active_s=active, rate=rate)}", file=sys.stderr
     )
     return 0
+
+
+def summary(stats: Any, *, wall_s: float, active_s: float | None, rate: float | None) -> str:
+    """The closing line of a run: what was consumed, the active time and rate (or why
+    there is no rate), the wall time, and what became of the events."""
+    from spr.engine.telemetry import TOO_SHORT
+
+    if active_s is None:
+        timing = f"in {wall_s:.1f} s"
+    else:
+        speed = f"{TOO_SHORT} a rate" if rate is None else f"{rate:,.0f}/s"
+        timing = (
+            f"in {active_s:.2f} s from the first message to the last commit ({speed}), "
+            f"{wall_s:.1f} s in all"
+        )
+    return (
+        f"consumed {stats.consumed} event(s) {timing}: "
+        f"{stats.applied} applied, {stats.stale} stale, {stats.collapsed} collapsed, "
+        f"{stats.duplicate} duplicate, {stats.invalid} invalid, {stats.rejected} rejected by "
+        f"the database; {stats.flushes} flush(es)"
+    )
 
 
 def _child_argv(args: argparse.Namespace, index: int) -> list[str]:

@@ -14,7 +14,7 @@ from spr.config.mapping import TableMapping
 from spr.config.policies import BackpressurePolicy, BatchPolicy, BreakerPolicy
 from spr.errors import ConfigError
 
-__all__ = ["load_engine_config", "load_kafka_settings", "load_table_config"]
+__all__ = ["check_dsn", "load_engine_config", "load_kafka_settings", "load_table_config"]
 
 
 _ENGINE_KEYS = {f.name for f in fields(EngineConfig)} - {
@@ -56,16 +56,56 @@ _ENV: dict[str, tuple[str, str]] = {
 _KAFKA_ENV_PREFIX = "SPR_KAFKA_"
 
 
-def _coerce(key: str, value: Any, where: str) -> Any:
+_BOOL_KEYS = {"auto_create_schema", "dead_letters"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _whole_number(key: str, value: Any, where: str) -> int:
+    """``value`` as an int: a TOML integer or a string of digits. A float (``workers =
+    1.7``) or a boolean is refused rather than truncated."""
+    if isinstance(value, (bool, float)):
+        raise ConfigError(f"{where}: {key} must be a whole number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+        try:
+            float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
+        raise ConfigError(f"{where}: {key} must be a whole number, got {value!r}")
+    if not isinstance(value, int):
+        raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+    return value
+
+
+def _number(key: str, value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
     try:
-        if key in _INT_KEYS and isinstance(value, str):
-            return int(value)
-        if key in _FLOAT_KEYS and isinstance(value, str):
-            return float(value)
+        return float(str(value).strip())
     except ValueError:
         raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
-    if key in ("auto_create_schema", "dead_letters") and isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    if key in _INT_KEYS:
+        return _whole_number(key, value, where)
+    if key in _FLOAT_KEYS:
+        return _number(key, value, where)
+    if key in _BOOL_KEYS:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in _TRUE + _FALSE:
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return text in _TRUE
     if key == "topics" and isinstance(value, str):
         return tuple(t.strip() for t in value.split(",") if t.strip())
     if key == "topics" and isinstance(value, list):
@@ -81,13 +121,31 @@ def _policy(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
     floats = {f.name for f in fields(cls) if "float" in str(f.type)}
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, str):
-            try:
-                value = float(value) if key in floats else int(value)
-            except ValueError:
-                raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
-        values[key] = value
+        if key in floats:
+            values[key] = _number(key, value, where)
+        else:
+            values[key] = _whole_number(key, value, where)
     return cls(**values)
+
+
+def check_dsn(dsn: str) -> str:
+    """``dsn`` unchanged when libpq can parse it (a ``postgresql://`` URL or ``key=value``
+    pairs); ConfigError otherwise, with the parser's reason and the password masked.
+    Contacts no server."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    from spr.logs import redact
+
+    try:
+        conninfo_to_dict(dsn)
+    except ProgrammingError as exc:
+        reason = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise ConfigError(
+            f"the PostgreSQL DSN is not valid ({reason}); expected "
+            "postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE or 'host=H port=P dbname=D'"
+        ) from None
+    return dsn
 
 
 def _layers(
@@ -192,6 +250,8 @@ def load_engine_config(
     engine = sections["engine"]
     engine.setdefault("group_id", "")
     engine.setdefault("topics", ())
+    if engine.get("dsn"):
+        check_dsn(str(engine["dsn"]))
     return EngineConfig(
         **engine,
         mapping=TableMapping.from_mapping(sections["table"]),
@@ -213,7 +273,7 @@ def load_table_config(
     (``spr db init``). Raises ConfigError."""
     sections = _layers(file, environ, flags, None)
     engine = sections["engine"]
-    dsn = str(engine.get("dsn") or DEFAULT_DSN)
+    dsn = check_dsn(str(engine.get("dsn") or DEFAULT_DSN))
     timeout = int(engine.get("statement_timeout_ms") or 30_000)
     return dsn, TableMapping.from_mapping(sections["table"]), timeout
 

@@ -18,6 +18,7 @@ tests use these functions directly.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -370,13 +371,16 @@ def produce(
     messages per second (None: as fast as possible). ``progress(done, total, elapsed_s)``
     is called a few times per second. Blocks until every message is acknowledged or
     failed; delivery failures are counted in the report (never dropped silently), and
-    ``manifest_path`` (written either way) holds the expected final state per entity.
+    ``manifest_path`` (written either way) holds the expected final state per entity;
+    a path that cannot be written is refused before anything is sent.
     Raises :class:`ServerUnavailable` when no broker answers.
     """
     from spr.producer import Producer
 
     if rate is not None and rate <= 0:
         raise ConfigError(f"rate must be > 0 events/s, got {rate}")
+    if manifest_path is not None:
+        _check_manifest_path(manifest_path)
     producer = Producer(bootstrap=bootstrap, config=producer_config)
     created = ensure_topic(bootstrap, topic, partitions)
     partition_count = _partition_count(producer, topic)
@@ -448,6 +452,20 @@ def produce(
         elapsed_s=round(elapsed, 3),
         events_per_s=round(done / elapsed, 1),
     )
+
+
+def _check_manifest_path(path: Path) -> None:
+    # Checked before the first event is sent: failing after sending them would leave
+    # events on the topic and no manifest to verify them against.
+    if path.is_dir():
+        raise ConfigError(f"cannot write the manifest {path}: it is a directory")
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"cannot write the manifest {path}: the directory {path.parent} does not exist"
+        )
+    target = path if path.exists() else path.parent
+    if not os.access(target, os.W_OK):
+        raise ConfigError(f"cannot write the manifest {path}: permission denied")
 
 
 def _partition_count(producer: Any, topic: str) -> int:

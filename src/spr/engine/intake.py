@@ -71,6 +71,7 @@ class Intake:
         #: Events per partition since the metrics last took them (see take_partition_events).
         self.partition_events: dict[TopicPartitionKey, int] = {}
         self.last_message_s = 0.0
+        self.first_message_s: float | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -92,6 +93,8 @@ class Intake:
         if not consumed:
             return result
         self.last_message_s = now_s
+        if self.first_message_s is None:
+            self.first_message_s = now_s
         if self.since_s is None:
             self.since_s = now_s
         self.consumed += consumed

@@ -391,18 +391,24 @@ class Positions:
 
     # -- lag of the whole group ---------------------------------------------------------
 
-    def group_lag(self) -> int:
-        """Sum over every partition of the topics of end offset - stored offset (from
-        the database: what is applied, whoever applied it). The end is the last stable
-        offset under ``read_committed``; a stored offset past trailing control records
-        is written when the consumer reaches the end (``enable.partition.eof``)."""
+    def group_caught_up(self) -> bool:
+        """Whether the whole group is done with what its topics hold: every partition
+        applied up to its end (the database's offsets, whoever applied them), and the
+        group settled, stable with every partition owned, so that a member still
+        waiting for its share of a rebalance does not leave early (and make the others
+        wait for its session to time out).
+
+        The end is the last stable offset under ``read_committed``; a stored offset past
+        trailing control records is written when the consumer reaches the end
+        (``enable.partition.eof``)."""
         topics = self.config.topics
         keys = self.admin.partitions(topics)
-        # What a read_committed consumer can reach: the last stable offset.
         committed_only = (
             str(self.config.consumer_config().get("isolation.level")) == "read_committed"
         )
         ends = self.admin.end_offsets(keys, committed_only=committed_only)
         starts = self.admin.log_start_offsets(keys)
         stored = self.control.load_offsets(self.config.group_id, topics)
-        return sum(max(0, ends[key] - stored.get(key, starts[key])) for key in keys)
+        if any(ends[key] > stored.get(key, starts[key]) for key in keys):
+            return False
+        return self.admin.group_settled(self.config.group_id, keys)

@@ -89,6 +89,7 @@ class Engine:
         self.stalls: StallWatch | None = None
         self._consumer: Any = None
         self._max_buffered_bytes = 0
+        self._last_commit_s: float | None = None
         self._last_lag_check_s = 0.0
 
     # -- public -----------------------------------------------------------------------
@@ -140,7 +141,13 @@ class Engine:
             max_buffered_bytes=self._max_buffered_bytes,
             stalled_partitions=0 if self.stalls is None else self.stalls.stalled,
             stall_recoveries=0 if self.stalls is None else self.stalls.recoveries,
+            active_s=self._active_s(),
         )
+
+    def _active_s(self) -> float | None:
+        assert self.pipeline is not None
+        first, last = self.pipeline.intake.first_message_s, self._last_commit_s
+        return None if first is None or last is None or last < first else last - first
 
     def run(self) -> EngineStats:
         """Consume until stopped; see the class docstring. Blocks; raises SprError."""
@@ -274,7 +281,7 @@ class Engine:
             return False
         self._last_lag_check_s = now
         try:
-            return pipeline.positions.group_lag() == 0
+            return pipeline.positions.group_caught_up()
         except Exception as exc:  # a server hiccup only delays the exit
             log.debug("lag check failed: %s", exc)
             return False
@@ -318,6 +325,7 @@ class Engine:
     # -- metrics --------------------------------------------------------------------------
 
     def _flushed(self, pending: Any, result: Any, seconds: float) -> None:
+        self._last_commit_s = self.clock.monotonic()
         self.backpressure.flush_finished(seconds)
         if self.telemetry is not None:
             self.telemetry.observe_flush(pending.timestamps, pending.weights, seconds)

@@ -23,11 +23,36 @@ from spr.kafka.admin import KafkaAdmin
 from spr.kafka.clients import topic_partition
 from spr.metrics import LocalStats, MetricsPublisher, fold_engine_counters
 
-__all__ = ["EngineStats", "Telemetry"]
+__all__ = [
+    "MIN_RATE_FLUSHES",
+    "MIN_RATE_SPAN_S",
+    "TOO_SHORT",
+    "EngineStats",
+    "Telemetry",
+    "measured_rate",
+]
 
 log = logging.getLogger("spr.engine")
 
 TopicPartitionKey = tuple[str, int]
+
+#: The shortest span, in seconds, over which a rate means something.
+MIN_RATE_SPAN_S = 0.5
+#: The fewest durable units (flushes, committed batches) a rate may rest on.
+MIN_RATE_FLUSHES = 3
+#: What is printed instead of a rate measured over too short a span.
+TOO_SHORT = "too short to measure"
+
+
+def measured_rate(events: int, seconds: float, flushes: int | None = None) -> float | None:
+    """``events / seconds``, or None when the span is too short to time: under
+    :data:`MIN_RATE_SPAN_S`, or (when ``flushes`` is given) resting on fewer than
+    :data:`MIN_RATE_FLUSHES` durable units, or no events at all."""
+    if events <= 0 or seconds < MIN_RATE_SPAN_S:
+        return None
+    if flushes is not None and flushes < MIN_RATE_FLUSHES:
+        return None
+    return events / seconds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +72,8 @@ class EngineStats:
     ``circuit_opens`` how often it opened; ``offset_gaps`` counts retention gaps skipped
     and ``offset_gap_events`` the events lost in them; ``stalled_partitions`` are the
     partitions stalled now and ``stall_recoveries`` the seeks that recovered them
-    (:mod:`spr.engine.stalls`).
+    (:mod:`spr.engine.stalls`); ``active_s`` is the time from the first message consumed
+    to the last flush committed (None before both happened).
     """
 
     consumed: int = 0
@@ -79,9 +105,19 @@ class EngineStats:
     max_buffered_bytes: int = 0
     stalled_partitions: int = 0
     stall_recoveries: int = 0
+    active_s: float | None = None
+
+    @property
+    def events_per_s(self) -> float | None:
+        """The active rate: events consumed over ``active_s``, from the first message
+        to the last commit (an idle wait is not work); None when that span is too short
+        to time (:func:`measured_rate`)."""
+        if self.active_s is None:
+            return None
+        return measured_rate(self.consumed, self.active_s, self.flushes)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "events_per_s": self.events_per_s}
 
 
 class Telemetry:

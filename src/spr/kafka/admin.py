@@ -17,7 +17,12 @@ from typing import Any
 
 from spr.config.kafka import connection_settings
 from spr.errors import ConfigError, ServerUnavailable
-from spr.kafka.clients import admin_client, read_positions, topic_partition
+from spr.kafka.clients import (
+    admin_client,
+    cluster_problem,
+    read_positions,
+    topic_partition,
+)
 
 __all__ = ["DEFAULT_TIMEOUT_S", "KafkaAdmin", "unreachable"]
 
@@ -108,8 +113,13 @@ class KafkaAdmin:
             raise unreachable(self.bootstrap, exc) from exc
 
     def check_reachable(self) -> None:
-        """Raise ServerUnavailable (one sentence) unless the cluster answers."""
-        self._metadata()
+        """Raise ServerUnavailable (one sentence) unless the cluster answers: within a
+        fraction of a second when the connection is refused, the credentials are
+        refused or TLS fails (:func:`spr.kafka.clients.cluster_problem`), else after
+        ``timeout_s``."""
+        problem = cluster_problem(self.conf, timeout_s=self.timeout_s)
+        if problem is not None:
+            raise unreachable(self.bootstrap, problem)
 
     def partition_count(self, topic: str) -> int | None:
         """How many partitions ``topic`` has; None when it does not exist."""
@@ -222,6 +232,22 @@ class KafkaAdmin:
         futures = self.admin.describe_consumer_groups([group], request_timeout=self.timeout_s)
         description = self._wait(futures[group], f"describe group {group}")
         return len(description.members or [])
+
+    def group_settled(self, group: str, partitions: Sequence[TopicPartitionKey]) -> bool:
+        """Whether ``group`` is stable (no rebalance under way) with every one of
+        ``partitions`` assigned to some member."""
+        from confluent_kafka import ConsumerGroupState
+
+        futures = self.admin.describe_consumer_groups([group], request_timeout=self.timeout_s)
+        description = self._wait(futures[group], f"describe group {group}")
+        if description.state != ConsumerGroupState.STABLE:
+            return False
+        owned = {
+            (tp.topic, tp.partition)
+            for member in description.members or []
+            for tp in (member.assignment.topic_partitions if member.assignment else [])
+        }
+        return set(partitions) <= owned
 
     def commit_group_offsets(self, group: str, offsets: Mapping[TopicPartitionKey, int]) -> None:
         """Set the group's committed offsets in Kafka. Kafka refuses while the group has

@@ -13,7 +13,11 @@ synthetic events, then read back through spr's own path, serially (consume, deco
 :class:`spr.batch.Batch`, :meth:`spr.sink.postgres.PostgresSink.flush` into a temporary
 table), and timed. The engine overlaps fetching and writing, so the measured ``Y`` is a
 conservative (low) estimate and the plan errs towards more partitions. The measurement is
-bounded (about 12 s at most) and removes its topic and tables.
+bounded (about 12 s at most) and removes its topic and tables. It writes
+:data:`DEFAULT_MEASURE_EVENTS` events unless told otherwise (``--measure-events``; at least
+:data:`MIN_MEASURE_EVENTS`); fewer events finish sooner but time more start-up noise.
+Its Kafka clients are built by :mod:`spr.kafka.clients` from the user's connection
+settings, so librdkafka's log lines stay quiet.
 """
 
 from __future__ import annotations
@@ -22,30 +26,38 @@ import contextlib
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaException
 
 # NewTopic is re-exported without __all__: mypy --strict flags it.
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from spr.batch import STATE_COLUMNS, Batch
-from spr.config import TableMapping
+from spr.config import TableMapping, connection_settings
 from spr.decode import decode_batch
 from spr.errors import ConfigError, ServerUnavailable
+from spr.kafka import clients
 
 __all__ = [
     "DEFAULT_HEADROOM",
+    "DEFAULT_MEASURE_EVENTS",
+    "MIN_MEASURE_EVENTS",
     "Measurement",
     "PartitionPlan",
+    "check_measure_events",
     "measure_partition_throughput",
     "plan_partitions",
 ]
 
 DEFAULT_HEADROOM = 0.3
 _MAX_HEADROOM = 10.0
+#: Events ``--measure`` writes and reads back by default, and the fewest it accepts.
+DEFAULT_MEASURE_EVENTS = 200_000
+MIN_MEASURE_EVENTS = 1_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,26 +157,37 @@ def plan_partitions(
 # ----------------------------------------------------------------------- measuring
 
 
+def check_measure_events(events: int) -> None:
+    """ConfigError unless ``events`` is a usable size for ``--measure``."""
+    if isinstance(events, bool) or not isinstance(events, int) or events < MIN_MEASURE_EVENTS:
+        raise ConfigError(
+            f"--measure-events must be at least {MIN_MEASURE_EVENTS:,}, got {events!r}"
+        )
+
+
 def measure_partition_throughput(
     *,
     bootstrap: str,
     dsn: str,
-    events: int = 200_000,
+    events: int = DEFAULT_MEASURE_EVENTS,
     produce_budget_s: float = 4.0,
     consume_budget_s: float = 8.0,
+    kafka: Mapping[str, Any] | None = None,
 ) -> Measurement:
     """Time spr's consume, decode, batch and flush path on one partition of a temporary
-    topic. Blocks for at most about ``produce_budget_s + consume_budget_s`` plus setup;
-    cleans up its topic and tables. Raises ServerUnavailable when Kafka or PostgreSQL
-    does not answer."""
+    topic of ``events`` synthetic events. ``kafka`` holds librdkafka settings whose
+    connection part (security protocol, SASL, SSL) every client uses. Blocks for at most
+    about ``produce_budget_s + consume_budget_s`` plus setup; cleans up its topic and
+    tables. Raises ConfigError for fewer than :data:`MIN_MEASURE_EVENTS` events,
+    ServerUnavailable when Kafka or PostgreSQL does not answer."""
     from spr.sink.postgres import PostgresSink  # the sink pulls in psycopg; only here
 
-    if events < 1000:
-        raise ConfigError(f"measure at least 1000 events, got {events}")
+    check_measure_events(events)
     suffix = uuid.uuid4().hex[:10]
     topic = f"spr-plan-{suffix}"
     mapping = TableMapping(table=f"spr_plan_{suffix}", offsets_table=f"spr_plan_{suffix}_offsets")
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 10_000})
+    connection = {**connection_settings(kafka or {}), "bootstrap.servers": bootstrap}
+    admin = clients.admin_client({**connection, "socket.timeout.ms": 10_000})
     try:
         admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[
             topic
@@ -176,9 +199,9 @@ def measure_partition_throughput(
     sink = PostgresSink(dsn, group_id=f"spr-plan-{suffix}", mapping=mapping)
     try:
         sink.init_schema()
-        produced, produce_s = _produce_synthetic(bootstrap, topic, events, produce_budget_s)
+        produced, produce_s = _produce_synthetic(connection, topic, events, produce_budget_s)
         consumed, seconds, flushes = _consume_and_flush(
-            bootstrap, topic, sink, produced, consume_budget_s
+            connection, topic, sink, produced, consume_budget_s
         )
     finally:
         _drop_tables(sink, mapping)
@@ -192,14 +215,15 @@ def measure_partition_throughput(
 
 
 def _produce_synthetic(
-    bootstrap: str, topic: str, events: int, budget_s: float
+    connection: Mapping[str, Any], topic: str, events: int, budget_s: float
 ) -> tuple[int, float]:
     # Design §3's producer settings; synthetic orders, each entity updated four times
     # far apart, so a batch holds one row per event (no collapsing flatters the result)
     # and the merge sees both inserts and updates.
-    producer = Producer(
+    bootstrap = connection["bootstrap.servers"]
+    producer = clients.producer(
         {
-            "bootstrap.servers": bootstrap,
+            **connection,
             "acks": "all",
             "enable.idempotence": True,
             "compression.type": "lz4",
@@ -235,11 +259,11 @@ def _produce_synthetic(
 
 
 def _consume_and_flush(
-    bootstrap: str, topic: str, sink: Any, expected: int, budget_s: float
+    connection: Mapping[str, Any], topic: str, sink: Any, expected: int, budget_s: float
 ) -> tuple[int, float, int]:
-    consumer = Consumer(
+    consumer = clients.consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **connection,
             "group.id": f"spr-plan-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -252,7 +276,7 @@ def _consume_and_flush(
     max_rows = 5_000  # BatchPolicy's default
     consumed = flushes = 0
     try:
-        consumer.assign([TopicPartition(topic, 0, 0)])
+        consumer.assign([clients.topic_partition(topic, 0, 0)])
         start = time.monotonic()
         deadline = start + budget_s
         while consumed < expected and time.monotonic() < deadline:

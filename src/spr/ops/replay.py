@@ -21,6 +21,13 @@ positions for the derived group ``<group>.replay.<TABLE>`` (every partition of t
 topics; with ``--partition`` the others start at their end, so only the chosen partition
 is replayed), and prints the ``spr run`` command that performs the replay. The original
 group and table are not touched.
+
+Names: ``table``, ``offsets_table`` and ``into`` may be ``SCHEMA.TABLE`` (parsed by
+:func:`spr.config.mapping.parse_table_name`, each part quoted). As everywhere in spr, an
+unqualified offsets table lives in the state table's schema: the group's positions are
+read from ``table``'s offsets table, and the replay's positions are written to the
+offsets table of ``into`` (created, with its schema, when missing), which is where
+``spr run --table INTO`` reads them.
 """
 
 from __future__ import annotations
@@ -35,10 +42,11 @@ import psycopg
 from psycopg import sql
 
 from spr.config.defaults import default_bootstrap, default_dsn
+from spr.config.mapping import TableMapping, TableName, parse_table_name
 from spr.errors import ConfigError, ServerUnavailable
 from spr.kafka.admin import KafkaAdmin
 from spr.logs import redact
-from spr.sink.schema import OFFSETS_COLUMNS_DDL
+from spr.sink.schema import OFFSETS_COLUMNS_DDL, create_schema, existing_table, identifier
 
 __all__ = [
     "ReplayPlan",
@@ -138,34 +146,43 @@ def rewind(
         raise ConfigError("give exactly one of --to-offset and --to-timestamp")
     if to_offset is not None and to_offset < 0:
         raise ConfigError(f"--to-offset must be >= 0, got {to_offset}")
-    if into is not None and (not into or into in (table, offsets_table)):
-        raise ConfigError("--into needs a new table name, different from the state table")
+    source = TableMapping(table=table, offsets_table=offsets_table)
+    target = source
+    if into is not None:
+        if not into:
+            raise ConfigError("--into needs a new table name, different from the state table")
+        into_name = parse_table_name(into, what="--into table")
+        target = TableMapping(table=str(into_name), offsets_table=offsets_table)
+        taken = (source.state_name, source.offsets_name, source.gaps_name)
+        if target.state_name in taken:
+            raise ConfigError("--into needs a new table name, different from the state table")
     dsn = dsn or default_dsn()
     ops = KafkaAdmin.for_bootstrap(bootstrap or default_bootstrap(), kafka=kafka)
     ops.check_reachable()
-    target_group = derived_group(group, into) if into is not None else group
+    target_group = derived_group(group, str(target.state_name)) if into is not None else group
     try:
         conn = psycopg.connect(dsn, connect_timeout=5, autocommit=True)
     except psycopg.OperationalError as exc:
         raise ServerUnavailable(f"cannot connect to PostgreSQL at {redact(dsn)}") from exc
     with conn:
-        offsets_ident = sql.Identifier(offsets_table)
-        conn.execute(
-            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
-                offsets_ident, sql.SQL(OFFSETS_COLUMNS_DDL)
-            )
-        )
+        source_offsets = identifier(source.offsets_name)
+        target_offsets = identifier(target.offsets_name)
+        has_offsets = existing_table(conn, source.offsets_name, "offsets table") is not None
         if not topics:
-            rows = conn.execute(
-                sql.SQL("SELECT DISTINCT topic FROM {} WHERE group_id = %s ORDER BY 1").format(
-                    offsets_ident
-                ),
-                (group,),
-            ).fetchall()
+            rows = (
+                conn.execute(
+                    sql.SQL("SELECT DISTINCT topic FROM {} WHERE group_id = %s ORDER BY 1").format(
+                        source_offsets
+                    ),
+                    (group,),
+                ).fetchall()
+                if has_offsets
+                else []
+            )
             topics = [str(r[0]) for r in rows]
             if not topics:
                 raise ConfigError(
-                    f"group {group} has no stored offsets in {offsets_table}; name a --topic"
+                    f"group {group} has no stored offsets in {source.offsets_name}; name a --topic"
                 )
         topics = list(dict.fromkeys(topics))
         all_partitions = ops.partitions(topics)
@@ -184,6 +201,11 @@ def rewind(
             for key in all_partitions:
                 positions.setdefault(key, marks[key][1])
             notes.append(f"only partition {partition} is replayed; the others start at their end")
+        if into is not None and target.offsets_table != "spr_offsets":
+            notes.append(
+                f"the replay's positions are in {target.offsets_name}: a spr run finds them "
+                f'only when its config file\'s [table] section sets offsets_table = "{offsets_table}"'
+            )
         members = ops.group_members(target_group)
         if members:
             raise ConfigError(
@@ -192,10 +214,19 @@ def rewind(
             )
         try:
             with conn.transaction():
-                previous = _lock_previous(conn, offsets_ident, target_group, list(positions))
                 if into is not None:
-                    _create_like(conn, table, into, target_group, offsets_ident)
-                _write_positions(conn, offsets_ident, target_group, positions)
+                    _create_like(conn, source, target)
+                elif not has_offsets:
+                    _create_offsets_table(conn, target.offsets_name)
+                previous = _lock_previous(conn, target_offsets, target_group, list(positions))
+                if into is not None:
+                    # A previous replay into a table of that name (since dropped) left
+                    # positions behind; they must not outlive it.
+                    conn.execute(
+                        sql.SQL("DELETE FROM {} WHERE group_id = %s").format(target_offsets),
+                        (target_group,),
+                    )
+                _write_positions(conn, target_offsets, target_group, positions)
                 if dry_run:
                     raise _DryRun
                 # Kafka last: if it refuses, the transaction rolls back; nothing changed.
@@ -204,7 +235,7 @@ def rewind(
             pass
     command = ""
     if into is not None:
-        command = _run_command(topics, target_group, into, dsn)
+        command = _run_command(topics, target_group, str(target.state_name), dsn)
     else:
         notes.append(
             "the sequence guard keeps rows at a newer or equal sequence: replaying into the "
@@ -248,7 +279,7 @@ def _positions(
 
 def _lock_previous(
     conn: psycopg.Connection[Any],
-    offsets: sql.Identifier,
+    offsets: sql.Composable,
     group: str,
     keys: Sequence[tuple[str, int]],
 ) -> dict[tuple[str, int], int]:
@@ -263,34 +294,41 @@ def _lock_previous(
     return {(str(t), int(p)): int(o) for t, p, o in rows}
 
 
-def _create_like(
-    conn: psycopg.Connection[Any],
-    source: str,
-    into: str,
-    target_group: str,
-    offsets: sql.Identifier,
-) -> None:
-    exists = conn.execute("SELECT to_regclass(%s)", (sql.Identifier(into).as_string(conn),))
-    row = exists.fetchone()
-    if row is not None and row[0] is not None:
-        raise ConfigError(f"table {into} already exists; choose a new name or drop it")
+def _create_like(conn: psycopg.Connection[Any], source: TableMapping, target: TableMapping) -> None:
+    """Create ``target``'s state table like ``source``'s, and ``target``'s offsets table
+    and their schemas when missing, inside the caller's transaction."""
+    into = target.state_name
     row = conn.execute(
-        "SELECT to_regclass(%s)", (sql.Identifier(source).as_string(conn),)
+        "SELECT to_regclass(%s) IS NOT NULL", (identifier(into).as_string(conn),)
     ).fetchone()
-    if row is None or row[0] is None:
-        raise ConfigError(f"state table {source} does not exist; run `spr db init` first")
+    if row is not None and row[0]:
+        raise ConfigError(f"table {into} already exists; choose a new name or drop it")
+    if existing_table(conn, source.state_name, "state table") is None:
+        raise ConfigError(
+            f"state table {source.state_name} does not exist; run `spr db init` first"
+        )
+    existing_table(conn, target.offsets_name, "offsets table")
+    create_schema(conn, into.schema)
     conn.execute(
         sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
-            sql.Identifier(into), sql.Identifier(source)
+            identifier(into), identifier(source.state_name)
         )
     )
-    # A previous replay into a table of the same name (since dropped) left positions.
-    conn.execute(sql.SQL("DELETE FROM {} WHERE group_id = %s").format(offsets), (target_group,))
+    _create_offsets_table(conn, target.offsets_name)
+
+
+def _create_offsets_table(conn: psycopg.Connection[Any], name: TableName) -> None:
+    create_schema(conn, name.schema)
+    conn.execute(
+        sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+            identifier(name), sql.SQL(OFFSETS_COLUMNS_DDL)
+        )
+    )
 
 
 def _write_positions(
     conn: psycopg.Connection[Any],
-    offsets: sql.Identifier,
+    offsets: sql.Composable,
     group: str,
     positions: Mapping[tuple[str, int], int],
 ) -> None:

@@ -15,9 +15,7 @@ connection's ``statement_timeout``; every identifier is quoted with :mod:`psycop
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -28,8 +26,9 @@ from psycopg import sql
 from spr._event import COLUMN_TYPES, STATE_COLUMNS
 from spr.classify import ErrorClass, classify
 from spr.config import DEFAULT_MAPPING, TableMapping
-from spr.errors import ConfigError, SchemaMismatch, ServerUnavailable
+from spr.errors import ConfigError, SchemaMismatch
 from spr.logs import redact
+from spr.sink.connection import DEAD_LETTER_IDLE_TIMEOUT_MS, SinkConnection
 from spr.sink.isolate import isolate_poison, shared_failure
 from spr.sink.schema import STAGING_TABLE, TableSchema
 
@@ -52,6 +51,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("spr.sink")
+
 
 _COPY_FORMATS = {"binary": sql.SQL("binary"), "text": sql.SQL("text"), "csv": sql.SQL("csv")}
 
@@ -166,8 +166,13 @@ class PostgresSink:
         self.statement_timeout_ms = statement_timeout_ms
         self.connect_timeout_s = connect_timeout_s
         self.application_name = application_name
-        self._conn: psycopg.Connection[Any] | None = None
-        self._conn_lock = threading.Lock()
+        self._session = SinkConnection(
+            dsn,
+            statement_timeout_ms=statement_timeout_ms,
+            connect_timeout_s=connect_timeout_s,
+            application_name=application_name,
+            setup=self._create_staging,
+        )
         self.schema = TableSchema(mapping)
         self._table = self.schema.table
         self._offsets = self.schema.offsets
@@ -178,21 +183,9 @@ class PostgresSink:
     # -- connection -------------------------------------------------------------------
 
     def connection_options(self) -> dict[str, Any]:
-        """TCP keepalives and ``tcp_user_timeout`` for the connection, so that a silent
-        network drop fails the statement in seconds instead of blocking for hours (the
-        kernel's defaults); a parameter the DSN sets itself wins."""
-        options: dict[str, Any] = {
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 5,
-            "keepalives_count": 3,
-            "tcp_user_timeout": int(self.statement_timeout_ms) + 10_000,
-        }
-        try:
-            given = psycopg.conninfo.conninfo_to_dict(self.dsn)
-        except psycopg.ProgrammingError:
-            given = {}
-        return {k: v for k, v in options.items() if k not in given}
+        """The connection's keepalives and ``tcp_user_timeout`` (see
+        :meth:`SinkConnection.options`)."""
+        return self._session.options()
 
     @classmethod
     def from_config(cls: type[_Sink], config: EngineConfig) -> _Sink:
@@ -208,57 +201,11 @@ class PostgresSink:
 
     def connect(self) -> psycopg.Connection[Any]:
         """Open the connection if it is not open; raises ServerUnavailable."""
-        conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn
-        self._drop_connection()
-        try:
-            conn = psycopg.connect(
-                self.dsn,
-                autocommit=True,
-                connect_timeout=max(1, round(self.connect_timeout_s)),
-                application_name=self.application_name,
-                **self.connection_options(),
-            )
-        except psycopg.OperationalError as exc:
-            raise ServerUnavailable(
-                f"cannot connect to PostgreSQL at {redact_dsn(self.dsn)}: {_first_line(exc)}"
-            ) from exc
-        try:
-            conn.execute(
-                sql.SQL("SET statement_timeout = {}").format(
-                    sql.Literal(int(self.statement_timeout_ms))
-                )
-            )
-            # The staging table lives as long as the connection; ON COMMIT DELETE ROWS
-            # empties it after every flush, and a rollback discards it too.
-            columns = sql.SQL(", ").join(
-                sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(COLUMN_TYPES[c]))
-                for c in STATE_COLUMNS
-            )
-            conn.execute(
-                sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
-                    sql.Identifier(STAGING_TABLE), columns
-                )
-            )
-        except BaseException:
-            conn.close()
-            raise
-        with self._conn_lock:
-            self._conn = conn
-        return conn
+        return self._session.get()
 
     def close(self) -> None:
         """Close the connection (idempotent; never raises)."""
-        self._drop_connection()
-
-    def _drop_connection(self) -> None:
-        with self._conn_lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            # Closing a broken connection must not mask the real error.
-            with contextlib.suppress(Exception):
-                conn.close()
+        self._session.close()
 
     def cancel(self) -> None:
         """Abort the statement running on this sink's connection, from any thread.
@@ -266,14 +213,20 @@ class PostgresSink:
         The flush in progress fails with QueryCanceled and its transaction rolls back,
         unless it had already committed. Never raises; a no-op when idle.
         """
-        with self._conn_lock:
-            conn = self._conn
-        if conn is None:
-            return
-        try:
-            conn.cancel_safe(timeout=2.0)
-        except Exception as exc:  # the flush is then bounded by statement_timeout instead
-            log.debug("cancel failed: %s", exc)
+        self._session.cancel()
+
+    def _create_staging(self, conn: psycopg.Connection[Any]) -> None:
+        # The staging table lives as long as the connection; ON COMMIT DELETE ROWS
+        # empties it after every flush, and a rollback discards it too.
+        columns = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(COLUMN_TYPES[c]))
+            for c in STATE_COLUMNS
+        )
+        conn.execute(
+            sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+                sql.Identifier(STAGING_TABLE), columns
+            )
+        )
 
     def __enter__(self) -> PostgresSink:
         self.connect()
@@ -355,8 +308,7 @@ class PostgresSink:
                     applied = max(cur.rowcount, 0)
                 self._upsert_offsets(cur, offsets)
         except psycopg.Error as exc:
-            if conn.broken or conn.closed:
-                self._drop_connection()
+            self._session.after_error(conn, exc)
             if not rows or classify(exc) is not ErrorClass.DATA:
                 raise
             # Before any bisection: a NOT NULL or CHECK on a column spr never writes
@@ -425,11 +377,17 @@ class PostgresSink:
                     for row, error in isolation.rejected
                 ]
                 if rejected:
+                    # Dead-lettering waits for Kafka inside the transaction: the idle
+                    # bound must not end the session meanwhile.
+                    cur.execute(
+                        sql.SQL("SET LOCAL idle_in_transaction_session_timeout = {}").format(
+                            sql.Literal(DEAD_LETTER_IDLE_TIMEOUT_MS)
+                        )
+                    )
                     dead_letter(rejected)
                 self._upsert_offsets(cur, offsets)
-        except psycopg.Error:
-            if conn.broken or conn.closed:
-                self._drop_connection()
+        except psycopg.Error as exc:
+            self._session.after_error(conn, exc)
             raise
         return FlushResult(
             rows=len(rows),
@@ -500,9 +458,8 @@ class PostgresSink:
                     ),
                 )
                 self._upsert_offsets(cur, {(topic, partition): resume_offset}, group=group)
-        except psycopg.Error:
-            if conn.broken or conn.closed:
-                self._drop_connection()
+        except psycopg.Error as exc:
+            self._session.after_error(conn, exc)
             raise
 
     # -- offsets ----------------------------------------------------------------------
@@ -520,9 +477,8 @@ class PostgresSink:
                 ).format(self._offsets),
                 (group, topic_list),
             ).fetchall()
-        except psycopg.Error:
-            if conn.broken or conn.closed:
-                self._drop_connection()
+        except psycopg.Error as exc:
+            self._session.after_error(conn, exc)
             raise
         return {(str(t), int(p)): int(n) for t, p, n in rows}
 
