@@ -150,6 +150,7 @@ ROWS: dict[str, list[Row]] = {
         row(RUN + " --max-events 0", "max_events must be a positive number", *RUN_LEAVES),
         row(RUN + " --workers two", "invalid int value: 'two'", *RUN_LEAVES, usage=True),
         row(RUN + " --no-dlq --dlq-topic {new_topic}", "--no-dlq", *RUN_LEAVES),
+        row(RUN + " --metrics-window 0", "--metrics-window must be a positive", *RUN_LEAVES),
         row(RUN + " --dlq-topic {topic}", "itself", *RUN_LEAVES),
         row(RUN + " --stats /nonexistent/dir/stats.json",
             "the directory /nonexistent/dir does not exist", *RUN_LEAVES),

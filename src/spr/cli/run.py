@@ -151,6 +151,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="serve Prometheus metrics on this port (default: no endpoint)",
     )
     run.add_argument(
+        "--metrics-window",
+        type=float,
+        metavar="SECONDS",
+        help="window of the partition-skew gauge, spr_partition_distribution_variance "
+        "(default 60)",
+    )
+    run.add_argument(
         "--metrics-addr",
         default="127.0.0.1",
         metavar="ADDR",
@@ -200,6 +207,10 @@ def _run(args: argparse.Namespace) -> int:
             "--no-dlq turns dead letters off, so --dlq-topic has nowhere to apply; "
             "pass one or the other"
         )
+    if args.metrics_window is not None and not args.metrics_window > 0:
+        raise ConfigError(
+            f"--metrics-window must be a positive number of seconds, got {args.metrics_window:g}"
+        )
     config = load_engine_config(
         file=args.config, flags=_flags(args), kafka_flags=parse_kafka_overrides(args.kafka)
     )
@@ -219,6 +230,7 @@ def _run(args: argparse.Namespace) -> int:
         command="run",
         metrics_port=args.metrics_port,
         metrics_addr=args.metrics_addr,
+        metrics_window_s=args.metrics_window,
         stats_path=args.stats,
     )
 
@@ -244,6 +256,7 @@ def run_engine(
     command: str,
     metrics_port: int | None = None,
     metrics_addr: str = "127.0.0.1",
+    metrics_window_s: float | None = None,
     stats_path: str | None = None,
     stats_sink: dict[str, Any] | None = None,
 ) -> int:
@@ -261,7 +274,7 @@ def run_engine(
     if metrics_port is not None:
         metrics = SprMetrics()
         server = serve(metrics_port, metrics_addr, registry=metrics.registry)
-        publisher = MetricsPublisher(metrics)
+        publisher = MetricsPublisher(metrics, variance_window_s=metrics_window_s or 60.0)
         log.info("metrics on %s", server.url)
     engine = Engine(config, dead_letters=dead_letter_sink(config), metrics=publisher)
 
@@ -338,6 +351,7 @@ def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
             else 0
         ),
         "--metrics-addr": args.metrics_addr if args.metrics_port is not None else None,
+        "--metrics-window": args.metrics_window,
     }
     for flag, value in options.items():
         if value is not None:
