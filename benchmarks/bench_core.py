@@ -85,3 +85,32 @@ class Ingest:
             core = w.IMPLEMENTATIONS.get("compiled", w.IMPLEMENTATIONS["python"])
             return w.separate_steps(core, self.messages)
         return w.ingest(w.IMPLEMENTATIONS[impl], self.messages)
+
+
+class Rekey:
+    """rekey (the routing stage, ``spr transform``) on real Messages of the spr bench
+    workload, each on the partition its key maps to."""
+
+    params: ClassVar[list[str]] = IMPLEMENTATIONS
+    param_names: ClassVar[list[str]] = ["impl"]
+
+    def setup(self, impl: str) -> None:
+        self.messages = w.consumed_messages(20_000, by_key=True)
+
+    def time_rekey(self, impl: str) -> int:
+        return w.rekey(w.IMPLEMENTATIONS[impl], self.messages)
+
+
+class IngestMisrouting:
+    """Batch.ingest with the misrouting check (``partitions`` given) and without."""
+
+    params: ClassVar[list[str]] = ["checked", "unchecked"]
+    param_names: ClassVar[list[str]] = ["check"]
+
+    def setup(self, check: str) -> None:
+        self.messages = w.consumed_messages(20_000, by_key=True)
+        self.partitions = {"bench": 12} if check == "checked" else None
+        self.core = w.IMPLEMENTATIONS.get("compiled", w.IMPLEMENTATIONS["python"])
+
+    def time_ingest(self, check: str) -> Any:
+        return w.ingest(self.core, self.messages, partitions=self.partitions)

@@ -14,6 +14,32 @@ cdef extern from *:
     #include <stdint.h>
     #include <string.h>
 
+    /* For the few helpers of the per-event loops that must be inlined whatever the C
+       compiler's budget for the whole (large) module says. */
+    #if defined(__GNUC__) || defined(__clang__)
+    #define SPR_ALWAYS_INLINE inline __attribute__((always_inline))
+    #else
+    #define SPR_ALWAYS_INLINE inline
+    #endif
+
+    /* The decimal digits of an int64, as f"{value}" writes them (at most 20 bytes). */
+    static SPR_ALWAYS_INLINE Py_ssize_t spr_put_decimal(char *out, int64_t value) {
+        char digits[20];
+        Py_ssize_t n = 0, i, sign = 0;
+        uint64_t v = (uint64_t)value;
+        if (value < 0) {
+            *out++ = '-';
+            v = (uint64_t)0 - v;
+            sign = 1;
+        }
+        do {
+            digits[n++] = (char)('0' + v % 10);
+            v /= 10;
+        } while (v != 0);
+        for (i = 0; i < n; i++) out[i] = digits[n - 1 - i];
+        return sign + n;
+    }
+
     static inline uint64_t spr_read64(const uint8_t *p) {
         uint64_t v; memcpy(&v, p, 8);
     #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
@@ -82,6 +108,8 @@ cdef extern from *:
     """
     # Fingerprints (fingerprints.pxi), the batch's entity index (batch.pxi, ingest.pxi).
     uint64_t spr_xxh64(const uint8_t *p, size_t length) nogil
+    # Idempotency keys and headers (ingest.pxi, rekey.pxi).
+    Py_ssize_t spr_put_decimal(char *out, int64_t value) nogil
 
 
 # ------------------------------------------------------------------------------- ring
@@ -91,9 +119,9 @@ cdef struct RingSlot:
     int64_t added_ms
 
 
-@cython.final
 cdef class IdempotencyRing:
-    # Invariants: see the class docstring in _core/ring.pxi.
+    # Invariants: see the class docstring in _core/ring.pxi. Not final, so that
+    # SourceTable can extend the table; its hot methods are final, hence direct C calls.
     cdef RingSlot *slots
     cdef size_t _capacity
     cdef size_t window
@@ -103,9 +131,26 @@ cdef class IdempotencyRing:
     cdef uint64_t _hits
     cdef uint64_t _evictions
 
+    @cython.final
     cdef inline size_t _prefetch(self, uint64_t fp) noexcept
+
+    @cython.final
     cdef inline bint _seen_or_add(self, uint64_t fp, int64_t now) noexcept
+
+    @cython.final
     cdef inline bint _seen_or_add_at(self, uint64_t fp, size_t slot, int64_t now) noexcept
+
+    @cython.final
+    cdef inline RingSlot *_find_or_insert(self, uint64_t fp, size_t slot, int64_t now,
+                                          bint *found) noexcept
+
+
+@cython.final
+cdef class SourceTable(IdempotencyRing):
+    # The ring's table plus sources[i], the value of slots[i] (see _core/ring.pxi).
+    cdef uint64_t *sources
+
+    cdef inline uint64_t _claim(self, uint64_t fp, uint64_t source, int64_t now) noexcept
 
 
 # ----------------------------------------------------------------------------- decode
@@ -121,6 +166,7 @@ cdef class _Fields:
     cdef object sequence
     cdef str state
     cdef object timestamp
+    cdef bint sequence_given  # False when sequence is the offset
 
 
 # ------------------------------------------------------------------------------ batch

@@ -1,24 +1,28 @@
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, ClassVar, final
 
-from typing_extensions import Self
+from typing_extensions import Self, disjoint_base
 
-from spr._event import DecodeLimits, Event, IngestResult
+from spr._event import DecodeLimits, Event, IngestResult, RekeyResult
 
 __all__ = [
     "PROBE_WINDOW",
     "ZERO_FINGERPRINT_SUBSTITUTE",
     "Batch",
     "IdempotencyRing",
+    "SourceTable",
     "check_key",
     "decode_batch",
     "decode_event",
+    "decode_with_sequence",
     "event_fingerprint",
     "fingerprint",
     "murmur2",
     "partition_for",
     "partition_key",
+    "rekey",
     "route_many",
+    "source_fingerprint",
 ]
 
 PROBE_WINDOW: int
@@ -32,7 +36,7 @@ def check_key(message_key: Any, event: Event) -> None: ...
 def fingerprint(idempotency_key: str | bytes) -> int: ...
 def event_fingerprint(entity_type: str, entity_id: str, sequence: int) -> int: ...
 
-@final
+@disjoint_base
 class IdempotencyRing:
     def __new__(cls, capacity: int, ttl_ms: int) -> Self: ...
     @property
@@ -50,6 +54,10 @@ class IdempotencyRing:
     def seen_or_add(self, fingerprint: int, now_ms: int) -> bool: ...
     def seen_or_add_many(self, fingerprints: Iterable[int], now_ms: int) -> list[bool]: ...
 
+@final
+class SourceTable(IdempotencyRing):
+    def claim(self, entity: int, source: int, now_ms: int) -> int: ...
+
 def decode_event(
     value: bytes | None,
     *,
@@ -57,6 +65,13 @@ def decode_event(
     timestamp_ms: int,
     limits: DecodeLimits = ...,
 ) -> Event: ...
+def decode_with_sequence(
+    value: bytes | None,
+    *,
+    offset: int,
+    timestamp_ms: int,
+    limits: DecodeLimits = ...,
+) -> tuple[Event, bool]: ...
 def decode_batch(
     values: Sequence[bytes | None],
     offsets: Sequence[int],
@@ -87,9 +102,23 @@ class Batch:
         assigned: Container[tuple[str, int]] | None = ...,
         limits: DecodeLimits = ...,
         check_keys: bool = ...,
+        partitions: Mapping[str, int] | None = ...,
+        on_misrouted: int = ...,
     ) -> IngestResult: ...
     def next_offsets(self) -> dict[tuple[str, int], int]: ...
     def rows(self) -> list[tuple[Any, ...]]: ...
     def copy_data(self) -> bytes: ...
     def copy_chunks(self, chunk_bytes: int = ...) -> Iterator[bytes]: ...
     def clear(self) -> None: ...
+
+def source_fingerprint(topic: str, partition: int) -> int: ...
+def rekey(
+    messages: Iterable[Any],
+    ring: IdempotencyRing,
+    sources: SourceTable | None,
+    source_names: MutableMapping[int, str],
+    now_ms: int,
+    output_partitions: int,
+    assigned: Container[tuple[str, int]] | None = ...,
+    limits: DecodeLimits = ...,
+) -> RekeyResult: ...

@@ -2,7 +2,8 @@
 """Compiled core of spr; mirrors ``spr._core_py`` name for name, with the same semantics.
 
 The per-element loops (murmur2, XXH64, the ring's probe, the pre-parse scan of a
-message, the COPY encoder) are plain C; Python objects appear only at the boundary.
+message, the COPY encoder, the routing stage's JSON writer) are plain C; Python objects
+appear only at the boundary.
 """
 
 # One extension module, one C file: Batch.ingest calls the decoder, the key check, the
@@ -33,6 +34,7 @@ from spr._core_py import (
     _UNIX_EPOCH,
     check_columns,
 )
+from spr._core_py.rekey import SCHEMA_VERSION
 from spr._event import (
     CANONICAL_DECODER,
     DEFAULT_LIMITS,
@@ -41,12 +43,16 @@ from spr._event import (
     EXPECT_TIMESTAMP,
     MAX_INT64,
     MAX_TIMESTAMP_MS,
+    MISROUTED_APPLY,
+    MISROUTED_BY_SEQUENCE,
     RAW_DECODER,
     REASON_BOM,
     REASON_EMPTY,
     REASON_EMPTY_ID,
     REASON_EMPTY_STATE,
     REASON_EMPTY_TYPE,
+    REASON_MISROUTED_HELD,
+    REASON_MISROUTED_NO_SEQUENCE,
     REASON_MISSING_ID,
     REASON_MISSING_STATE,
     REASON_MISSING_TYPE,
@@ -58,12 +64,15 @@ from spr._event import (
     CanonicalEvent,
     IngestResult,
     RawEvent,
+    RekeyResult,
     reason_alias_type,
     reason_from_msgspec,
     reason_key_mismatch,
     reason_key_missing,
+    reason_misrouted,
     reason_too_big,
     reason_too_deep,
+    reason_unorderable,
 )
 from spr.errors import ConfigError, InvalidEvent
 
@@ -72,15 +81,19 @@ __all__ = [
     "ZERO_FINGERPRINT_SUBSTITUTE",
     "Batch",
     "IdempotencyRing",
+    "SourceTable",
     "check_key",
     "decode_batch",
     "decode_event",
+    "decode_with_sequence",
     "event_fingerprint",
     "fingerprint",
     "murmur2",
     "partition_for",
     "partition_key",
+    "rekey",
     "route_many",
+    "source_fingerprint",
 ]
 
 # Used by more than one include file.
@@ -100,4 +113,5 @@ include "_core/message.pxi"
 include "_core/keycheck.pxi"
 include "_core/batch.pxi"
 include "_core/ingest.pxi"
+include "_core/rekey.pxi"
 include "_core/copy.pxi"

@@ -16,10 +16,16 @@ from spr.errors import ConfigError
 __all__ = [
     "COLUMN_TYPES",
     "DEFAULT_LIMITS",
+    "MISROUTED_APPLY",
+    "MISROUTED_BY_SEQUENCE",
+    "MISROUTED_DEAD_LETTER",
+    "OUTPUT_ENCODER",
     "STATE_COLUMNS",
+    "CanonicalOutput",
     "DecodeLimits",
     "Event",
     "IngestResult",
+    "RekeyResult",
 ]
 
 
@@ -217,7 +223,10 @@ class IngestResult(NamedTuple):
     failed decoding or the key check; its offset is already advanced in the batch.
     ``duplicates``: messages the idempotency ring had seen (offset advanced, no row).
     ``consumed``: data messages of assigned partitions (valid, invalid and duplicate);
-    ``partition_counts``: the same per ``(topic, partition)``.
+    ``partition_counts``: the same per ``(topic, partition)``. ``misrouted``: events
+    per topic whose partition is not ``partition_for(key, partitions[topic])`` (only
+    when ``partitions`` was given), and ``misrouted_letters``: ``(message, reason)`` for
+    those of them held back by ``on_misrouted`` (their offsets are advanced).
     """
 
     errors: list[Any]
@@ -225,3 +234,83 @@ class IngestResult(NamedTuple):
     duplicates: int
     consumed: int
     partition_counts: dict[tuple[str, int], int]
+    misrouted: dict[str, int]
+    misrouted_letters: list[tuple[Any, str]]
+
+
+#: ``Batch.ingest(on_misrouted=...)``: an event on a partition its key does not map to
+#: is applied when it carries a sequence (the guard orders it) and held back without
+#: one (design §10); or always applied; or always held back.
+MISROUTED_BY_SEQUENCE = 0
+MISROUTED_APPLY = 1
+MISROUTED_DEAD_LETTER = 2
+
+
+def reason_misrouted(
+    topic: str, partition: int, routing_key: str, key: str, expected: int, count: int, why: str
+) -> str:
+    """Why a misrouted event is held back (design §10)."""
+    return (
+        f"misrouted: {topic}[{partition}] holds {routing_key}, whose partition key {key} "
+        f"belongs on partition {expected} of {count}; {why}"
+    )
+
+
+REASON_MISROUTED_NO_SEQUENCE = (
+    "without a sequence, its offset cannot order it against the entity's other events"
+)
+REASON_MISROUTED_HELD = "--on-misrouted holds every misrouted event back"
+
+
+def reason_unorderable(routing_key: str, earlier: str, source: str) -> str:
+    """Why a second source's event without a sequence is held back (design §10)."""
+    return (
+        f"unorderable: {routing_key} has events without a sequence from {earlier} already; "
+        f"this one from {source} has no order against them (only offsets of one partition "
+        "order each other)"
+    )
+
+
+class CanonicalOutput(msgspec.Struct, omit_defaults=True, gc=False):
+    """The canonical event as ``spr transform`` writes it (design §2 names, JSON).
+
+    ``payload`` is the original value, byte for byte; ``timestamp`` is the event's own
+    or its broker timestamp, left out when neither is known. The first key is
+    ``event_id``, so ``spr run`` decodes it on its fast path.
+    """
+
+    event_id: str
+    entity_type: str
+    entity_id: str
+    sequence: int
+    state: str
+    timestamp: int | None = None
+    payload: msgspec.Raw = msgspec.Raw(b"null")
+
+
+OUTPUT_ENCODER = msgspec.json.Encoder()
+
+
+class RekeyResult(NamedTuple):
+    """What ``rekey`` did with one ``consume()`` result (the routing stage, design §10).
+
+    ``records``: ``(key, value, partition, headers)`` to produce, in consumption order:
+    the partition key (16 ASCII hex bytes), the :class:`CanonicalOutput` JSON, the output
+    partition ``partition_for(key, output_partitions)`` and the headers
+    (``idempotency-key``, ``schema-version``, ``spr-source-topic``,
+    ``spr-source-partition``, ``spr-source-offset``). ``errors``, ``invalid``,
+    ``duplicates``, ``consumed`` and ``partition_counts`` are as in
+    :class:`IngestResult`; ``unorderable``: ``(message, reason)`` for events without a
+    sequence whose entity already had such events from another source partition.
+    ``positions``: per ``(topic, partition)``, the next offset after every data message
+    taken (the input position to commit with these records).
+    """
+
+    errors: list[Any]
+    invalid: list[tuple[Any, str]]
+    unorderable: list[tuple[Any, str]]
+    duplicates: int
+    consumed: int
+    partition_counts: dict[tuple[str, int], int]
+    records: list[tuple[bytes, bytes, int, list[tuple[str, bytes]]]]
+    positions: dict[tuple[str, int], int]

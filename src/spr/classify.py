@@ -14,6 +14,12 @@ FATAL      bad credentials, missing table, 42xxx, a batch whose   stop with one 
            (SchemaMismatch), anything not in the table
 =========  =====================================================  ==============================
 
+Two more classes name dead letters that are not errors of the event itself (design §10):
+UNORDERABLE, an event without a sequence whose entity already had such events from
+another source partition (their offsets cannot order each other), and MISROUTED, an
+event on a partition its key does not map to, held back when it has no sequence (or as
+``--on-misrouted`` says). They are assigned where they are found, not classified here.
+
 Errors are classified once, here, by what they *are* (SQLSTATE, Kafka error code and
 flags, spr's own error types), never by ``except`` clauses scattered through the loop.
 Everything in this module is pure computation: nothing blocks, nothing raises. (The
@@ -54,6 +60,8 @@ class ErrorClass(str, enum.Enum):
     TRANSIENT = "transient"
     DATA = "data"
     FATAL = "fatal"
+    UNORDERABLE = "unorderable"
+    MISROUTED = "misrouted"
 
     def __str__(self) -> str:
         return self.value

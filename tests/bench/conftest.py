@@ -26,6 +26,10 @@ TARGETS = {
     "batch": [("python", 5.0)],
     # per event; 1.5 us is the issue's budget for the whole path (printed by the summary)
     "ingest": [("python", 5.0), ("separate-steps", 1.0)],
+    "rekey": [("python", 5.0)],
+    # "compiled" is Batch.ingest with the misrouting check (partitions given), "unchecked"
+    # the same without: a ratio near 1 (at least 0.95) means the check costs nothing.
+    "misrouting": [("unchecked", 0.95)],
 }
 
 
@@ -42,6 +46,18 @@ def _record(benchmark: Any, group: str, impl: str, items: int) -> None:
 def record() -> Recorder:
     """``record(benchmark, group, impl, items)`` files a result for the ratio summary."""
     return _record
+
+
+@pytest.fixture
+def record_seconds() -> Callable[[Any, str, str, float], None]:
+    """``record_seconds(benchmark, group, impl, seconds_per_item)``: a result timed by the
+    test itself (e.g. two variants interleaved within one benchmark's rounds)."""
+
+    def file(benchmark: Any, group: str, impl: str, seconds: float) -> None:
+        if benchmark.stats is not None:
+            RESULTS[(group, impl)] = seconds
+
+    return file
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

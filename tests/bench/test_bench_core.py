@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from typing import Any
 
 import pytest
@@ -97,3 +99,36 @@ def test_ingest(benchmark: Any, impl: str, record: Any) -> None:
     else:
         benchmark.pedantic(w.ingest, (w.IMPLEMENTATIONS[impl], messages), rounds=3, iterations=1)
     record(benchmark, "ingest", impl, n)
+
+
+@pytest.mark.parametrize("impl", [COMPILED, "python"])
+def test_rekey(benchmark: Any, impl: str, record: Any) -> None:
+    # The routing stage (spr transform) on real Messages of the spr bench workload, each
+    # on the partition its key maps to: decode, source table, ring, output records.
+    n = _n(100_000, impl)
+    messages = w.consumed_messages(n, by_key=True)
+    with w.frozen_inputs():
+        benchmark.pedantic(w.rekey, (w.IMPLEMENTATIONS[impl], messages), rounds=3, iterations=1)
+    record(benchmark, "rekey", impl, n)
+
+
+def test_ingest_misrouting(benchmark: Any, record_seconds: Any) -> None:
+    # Batch.ingest of the compiled core with the misrouting check (design §10) and
+    # without, on messages that sit where their keys map (the check finds nothing). The
+    # rounds alternate between the two, so that a busy phase of the machine hits both.
+    if "compiled" not in w.IMPLEMENTATIONS:
+        pytest.skip("not built")
+    core = w.IMPLEMENTATIONS["compiled"]
+    messages = w.consumed_messages(100_000, by_key=True)
+    best = {"compiled": float("inf"), "unchecked": float("inf")}
+    variants = itertools.cycle([("compiled", {"bench": 12}), ("unchecked", None)])
+
+    def run() -> None:
+        label, partitions = next(variants)
+        start = time.perf_counter()
+        w.ingest(core, messages, partitions=partitions)
+        best[label] = min(best[label], time.perf_counter() - start)
+
+    benchmark.pedantic(run, rounds=10, iterations=1)
+    for label, seconds in best.items():
+        record_seconds(benchmark, "misrouting", label, seconds / len(messages))

@@ -71,6 +71,8 @@ RUN_LEAVES = ("table", "offsets")
 REPLAY = "replay --group {group} --topic {topic} --to-offset 0"
 MEASURE = "plan --target-throughput 1000 --measure --measure-events 1000"
 
+TRANSFORM = "transform --topic {topic} --group {group} --output-topic {new_topic}"
+
 ROWS: dict[str, list[Row]] = {
     "dev": [
         row("dev bogus", "invalid choice: 'bogus'", usage=True),
@@ -151,6 +153,8 @@ ROWS: dict[str, list[Row]] = {
         row(RUN + " --workers two", "invalid int value: 'two'", *RUN_LEAVES, usage=True),
         row(RUN + " --no-dlq --dlq-topic {new_topic}", "--no-dlq", *RUN_LEAVES),
         row(RUN + " --metrics-window 0", "--metrics-window must be a positive", *RUN_LEAVES),
+        row(RUN + " --on-misrouted sometimes", "invalid choice: 'sometimes'", *RUN_LEAVES,
+            usage=True),
         row(RUN + " --dlq-topic {topic}", "itself", *RUN_LEAVES),
         row(RUN + " --stats /nonexistent/dir/stats.json",
             "the directory /nonexistent/dir does not exist", *RUN_LEAVES),
@@ -161,6 +165,30 @@ ROWS: dict[str, list[Row]] = {
         row("run --topic {topic} --group {group} --table " + "t" * 70 + " --auto-create-schema",
             "too long", "offsets"),
         row(RUN + " --bogus", "unrecognized arguments: --bogus", *RUN_LEAVES, usage=True),
+    ],
+    "transform": [
+        row(TRANSFORM + " --bootstrap 127.0.0.1:1", UNREACHABLE, "topic", "offsets"),
+        row(TRANSFORM + " -X bootstrap.servers=127.0.0.1:1", UNREACHABLE, "topic"),
+        row(TRANSFORM + " " + SASL, "refused to authenticate", "topic"),
+        row(TRANSFORM + " -X bogus.key=1", '"bogus.key"', "topic"),
+        row(TRANSFORM + " -X session.timeout.ms=abc", '"session.timeout.ms"', "topic"),
+        row(TRANSFORM + " -X isolation.level=read_uncommitted", "set by spr transform", "topic"),
+        row("transform --topic {topic} --group {group} --output-topic {topic}",
+            "also a source topic"),
+        row("transform --topic {new_topic} --group {group} --output-topic {topic}.out",
+            "does not exist on", "topic"),
+        row(TRANSFORM + " --output-partitions 0", "output_partitions must be a positive",
+            "topic"),
+        row(TRANSFORM + " --no-dlq --dlq-topic x", "--no-dlq", "topic"),
+        row(TRANSFORM + " --dlq-topic {topic}", "which this transform reads", "topic"),
+        row(TRANSFORM + " --workers 0", "workers must be a positive", "topic"),
+        row(TRANSFORM + " --max-age-ms -1", "max_age_ms must be a positive", "topic"),
+        row(TRANSFORM + " --idle-exit -1", "idle_exit_s must be a positive", "topic"),
+        row(TRANSFORM + " --stats /nonexistent/dir/s.json",
+            "the directory /nonexistent/dir does not exist", "topic"),
+        row(TRANSFORM + " --workers two", "invalid int value: 'two'", "topic", usage=True),
+        row("transform --topic {topic} --group {group}", "--output-topic", usage=True),
+        row(TRANSFORM + " --bogus", "unrecognized arguments: --bogus", "topic", usage=True),
     ],
     "db init": [
         row("db init --table {table} --dsn " + BAD_DSN, NO_DB, "table"),

@@ -31,6 +31,7 @@ ALERTS = (
     "SprLagNearRetention",
     "SprOffsetGapSkipped",
     "SprPartitionStalled",
+    "SprMisroutedEvents",
 )
 
 
@@ -140,7 +141,7 @@ def test_dashboard_is_valid_and_covers_the_required_panels() -> None:
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
     titles = " | ".join(p["title"].lower() for p in panels)
     for topic in ("lag", "latency", "throughput", "outcomes", "paused", "skew", "dedup", "circuit",
-                  "stalled"):  # fmt: skip
+                  "stalled", "misrouted"):  # fmt: skip
         assert topic in titles, topic
     joined = "\n".join(exprs)
     for name in METRIC_NAMES:

@@ -217,7 +217,14 @@ def test_decoding_errors_are_invalid() -> None:
 
 
 def test_error_class_values_are_the_header_values() -> None:
-    assert [str(c) for c in ErrorClass] == ["invalid", "transient", "data", "fatal"]
+    assert [str(c) for c in ErrorClass] == [
+        "invalid",
+        "transient",
+        "data",
+        "fatal",
+        "unorderable",
+        "misrouted",
+    ]
     assert ErrorClass("data") is DATA
 
 

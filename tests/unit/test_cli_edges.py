@@ -68,6 +68,8 @@ def test_every_option_has_help_that_states_its_default() -> None:
         for action in sub._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):
                 continue
+            if action.help == argparse.SUPPRESS:  # internal (a worker's index)
+                continue
             text = formatter._get_help_string(action) or ""
             if not action.help or ("default" not in text and not _required(sub, action)):
                 missing.append(f"{sub.prog} {action.option_strings[0]}")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from types import ModuleType
 from typing import Any
 
@@ -80,6 +81,47 @@ def test_fallbacks(core: ModuleType) -> None:
     obj = {**BASE, "event_id": "", "id": None, "sequence": 7, "status": None}
     assert decode_ok(core, enc(obj)).event_id == "order:o-1:7"
     assert decode_ok(core, enc({**BASE, "eventId": "", "id": "x"})).event_id == "x"
+
+
+@pytest.mark.parametrize(
+    ("obj", "sequence", "given"),
+    [
+        ({**BASE, "sequence": 4}, 4, True),
+        ({**BASE, "sequence": 0}, 0, True),
+        ({**BASE, "seq": 5}, 5, True),
+        ({**BASE, "sequence": None, "seq": 6}, 6, True),
+        ({**BASE, "seq": None}, 10, False),
+        (BASE, 10, False),
+        # The canonical fast path, and a canonical value it hands on for lacking a field.
+        ({"event_id": "e", **BASE, "sequence": 3, "timestamp": 1}, 3, True),
+        ({"event_id": "e", **BASE, "timestamp": 1}, 10, False),
+        ({"event_id": "e", **BASE, "sequence": 3}, 3, True),
+    ],
+)
+def test_decode_with_sequence(
+    core: ModuleType, obj: dict[str, Any], sequence: int, given: bool
+) -> None:
+    value = enc(obj)
+    event, own = core.decode_with_sequence(value, offset=10, timestamp_ms=99)
+    assert (event.sequence, own) == (sequence, given)
+    assert type(own) is bool
+    assert event == core.decode_event(value, offset=10, timestamp_ms=99)
+    limits = DecodeLimits(max_bytes=len(value))
+    assert core.decode_with_sequence(value, offset=10, timestamp_ms=99, limits=limits) == (
+        event,
+        own,
+    )
+
+
+def test_decode_with_sequence_raises_as_decode_event(core: ModuleType) -> None:
+    for value in (None, b"[]", enc({**BASE, "seq": -1}), enc({**BASE, "state": ""})):
+        expected = reason(core, value)
+        with pytest.raises(InvalidEvent, match="^" + re.escape(expected) + "$"):
+            core.decode_with_sequence(value, offset=1, timestamp_ms=2)
+    with pytest.raises(InvalidEvent, match="over the limit of 4"):
+        core.decode_with_sequence(
+            enc(BASE), offset=1, timestamp_ms=2, limits=DecodeLimits(max_bytes=4)
+        )
 
 
 def test_losing_spellings_are_ignored(core: ModuleType) -> None:
@@ -269,14 +311,21 @@ def test_compiled_equals_twin_on_bytes(compiled: ModuleType, value: bytes) -> No
 
 
 def _same(compiled: ModuleType, value: bytes, offset: int) -> None:
+    # decode_event and decode_with_sequence, of both cores, agree.
     limits = DecodeLimits(max_depth=3)
     results = []
     for core in (_core_py, compiled):
-        try:
-            results.append(core.decode_event(value, offset=offset, timestamp_ms=7, limits=limits))
-        except InvalidEvent as exc:
-            results.append(exc.reason)
-        except Exception as exc:  # pragma: no cover - the failure we're looking for
-            pytest.fail(f"{core.__name__} raised {exc!r} for {value!r}")
-    assert results[0] == results[1]
-    assert msgspec.json.encode(results[0]) == msgspec.json.encode(results[1])
+        for decode_one in (core.decode_event, core.decode_with_sequence):
+            try:
+                results.append(decode_one(value, offset=offset, timestamp_ms=7, limits=limits))
+            except InvalidEvent as exc:
+                results.append(exc.reason)
+            except Exception as exc:  # pragma: no cover - the failure we're looking for
+                pytest.fail(f"{core.__name__} raised {exc!r} for {value!r}")
+    assert results[0] == results[2]
+    assert results[1] == results[3]
+    assert msgspec.json.encode(results[0]) == msgspec.json.encode(results[2])
+    if isinstance(results[1], tuple):
+        assert results[1][0] == results[0]
+    else:
+        assert results[1] == results[0]

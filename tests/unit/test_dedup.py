@@ -229,3 +229,128 @@ def test_public_module() -> None:
     assert ring.seen_or_add(dedup.fingerprint("a:b:1"), 0) is False
     assert dedup.fingerprint(b"x") == xxhash.xxh64_intdigest(b"x")
     assert dedup.PROBE_WINDOW == 8
+
+
+# -- SourceTable: the ring's table with a source per entity (design §10) --------------
+
+
+def test_source_table_claims(core: ModuleType) -> None:
+    table = core.SourceTable(64, 100)
+    assert isinstance(table, core.IdempotencyRing)
+    assert table.claim(1, 7, 0) == 0  # unclaimed: 7 holds it now
+    assert table.claim(1, 7, 10) == 0  # the same source
+    assert table.claim(1, 8, 20) == 7  # another source: the holder, which stays
+    assert table.claim(1, 7, 30) == 0
+    assert table.claim(2, 8, 30) == 0
+    assert (table.lookups, table.hits, table.evictions, len(table)) == (5, 3, 0, 2)
+    assert (table.capacity, table.ttl_ms) == (64, 100)
+
+
+def test_source_table_expiry_is_not_refreshed_by_claims(core: ModuleType) -> None:
+    table = core.SourceTable(64, 100)
+    assert table.claim(1, 7, 0) == 0
+    assert table.claim(1, 8, 99) == 7
+    assert table.claim(1, 8, 100) == 0  # expired at exactly ttl: 8 claims afresh
+    assert table.claim(1, 7, 150) == 8
+    assert table.claim(1, 7, -1) == 0  # far enough back in time expires it too
+    assert table.claim(1, 8, 0) == 7
+    assert len(table) == 1
+
+
+def test_source_table_extreme_values(core: ModuleType) -> None:
+    table = core.SourceTable(16, 2**63 - 1)
+    top = 2**64 - 1
+    assert table.claim(0, top, -(2**63)) == 0
+    assert table.claim(0, 1, -(2**63)) == top
+    # 0 is stored as the documented substitute, so that value shares its claim.
+    assert table.claim(core.ZERO_FINGERPRINT_SUBSTITUTE, 5, -(2**63)) == top
+    assert table.claim(top, 1, 2**63 - 1) == 0
+
+
+def test_source_table_evicts_oldest_claim(core: ModuleType) -> None:
+    table = core.SourceTable(4, 10_000)
+    for entity in range(1, 5):
+        assert table.claim(entity, 10 + entity, entity) == 0
+    assert table.claim(100, 50, 10) == 0  # every slot live: entity 1's claim goes
+    assert table.evictions == 1
+    assert table.claim(1, 99, 11) == 0  # forgotten: claimed afresh (evicting entity 2)
+    assert [table.claim(entity, 1, 12) for entity in (3, 4, 100, 1)] == [13, 14, 50, 99]
+    assert table.claim(2, 1, 13) == 0
+    assert table.evictions == 3
+
+
+def test_source_table_clear_keeps_counters(core: ModuleType) -> None:
+    table = core.SourceTable(32, 100)
+    table.claim(1, 7, 0)
+    table.claim(1, 8, 0)
+    table.clear()
+    assert len(table) == 0
+    assert table.claim(1, 8, 0) == 0
+    assert table.claim(1, 7, 0) == 8
+    assert (table.lookups, table.hits) == (4, 2)
+
+
+@pytest.mark.parametrize(
+    ("entity", "source", "now", "message"),
+    [
+        (-1, 1, 0, "fingerprint must be an unsigned 64-bit int, got -1"),
+        (2**64, 1, 0, f"fingerprint must be an unsigned 64-bit int, got {2**64}"),
+        (1, 1, 2**63, f"now_ms must fit in a signed 64-bit int, got {2**63}"),
+        (1, 1, -(2**63) - 1, f"now_ms must fit in a signed 64-bit int, got {-(2**63) - 1}"),
+        (1, 0, 0, "source must be a non-zero unsigned 64-bit int, got 0"),
+        (1, -3, 0, "source must be a non-zero unsigned 64-bit int, got -3"),
+        (1, 2**64, 0, f"source must be a non-zero unsigned 64-bit int, got {2**64}"),
+    ],
+)
+def test_source_table_argument_range(
+    core: ModuleType, entity: int, source: int, now: int, message: str
+) -> None:
+    table = core.SourceTable(8, 100)
+    with pytest.raises(OverflowError) as info:
+        table.claim(entity, source, now)
+    assert str(info.value) == message
+    assert table.lookups == 0
+
+
+@pytest.mark.parametrize(("capacity", "ttl"), [(0, 1), (-1, 1), (8, 0), (8, -5), (2**41, 1)])
+def test_source_table_bad_settings(core: ModuleType, capacity: int, ttl: int) -> None:
+    with pytest.raises(ConfigError):
+        core.SourceTable(capacity, ttl)
+
+
+table_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["claim"] * 12 + ["ring", "clear"]),
+        st.integers(min_value=0, max_value=30),
+        st.integers(min_value=1, max_value=4) | st.just(2**64 - 1),
+        st.integers(-300, 300),
+    ),
+    max_size=300,
+)
+
+
+@settings(max_examples=200)
+@given(
+    capacity=st.integers(min_value=1, max_value=20),
+    ttl=st.integers(min_value=1, max_value=200),
+    operations=table_ops,
+)
+def test_source_table_compiled_equals_twin(
+    compiled: ModuleType, capacity: int, ttl: int, operations: list[tuple[str, int, int, int]]
+) -> None:
+    tables = [impl.SourceTable(capacity, ttl) for impl in (_core_py, compiled)]
+    for kind, entity, source, now in operations:
+        if kind == "claim":
+            results = [table.claim(entity, source, now) for table in tables]
+        elif kind == "ring":  # the inherited ring method works on the same table
+            results = [table.seen_or_add(entity, now) for table in tables]
+        else:
+            results = [table.clear() for table in tables]
+        assert results[0] == results[1]
+    pure, fast = tables
+    assert (pure.lookups, pure.hits, pure.evictions, len(pure)) == (
+        fast.lookups,
+        fast.hits,
+        fast.evictions,
+        len(fast),
+    )

@@ -184,3 +184,84 @@ def test_lag_and_replay_take_the_same_kafka_settings_as_run(
     for settings in (given["lag"], given["replay"]):
         assert settings["security.protocol"] == "SASL_PLAINTEXT"
         assert settings["sasl.username"] == "u" and settings["sasl.mechanism"] == "PLAIN"
+
+
+# -- misrouting (design §10): an event on a partition its key does not map to ---------------
+
+
+def _misrouted_script() -> tuple[list[Any], dict[str, int]]:
+    import json as _json
+
+    from test_engine_logic import Msg as _Msg
+
+    from spr.routing import partition_for, partition_key
+
+    def on(partition: int, offset: int, entity: str, seq: int | None) -> Any:
+        body: dict[str, Any] = {"entity_type": "order", "entity_id": entity, "state": "s"}
+        if seq is not None:
+            body["sequence"] = seq
+        return _Msg("t", partition, offset, _json.dumps(body).encode())
+
+    home = {e: partition_for(partition_key(f"order:{e}"), 2) for e in ("a", "b", "c")}
+    away = {e: 1 - p for e, p in home.items()}
+    script = [
+        assign(("t", 0), ("t", 1)),
+        [
+            on(home["a"], 0, "a", 1),  # where it belongs
+            on(away["b"], 0 if away["b"] != home["a"] else 1, "b", 5),  # misrouted, sequenced
+            on(away["c"], 7, "c", None),  # misrouted, no sequence
+        ],
+    ]
+    return script, home
+
+
+class _PartitionsAdmin:
+    def end_offsets(self, keys: Any, *, committed_only: bool = False) -> Any:
+        return {}
+
+    def log_start_offsets(self, keys: Any) -> Any:
+        return {}
+
+    def partitions(self, topics: Any) -> list[tuple[str, int]]:
+        return [(t, p) for t in topics for p in (0, 1)]
+
+
+@pytest.mark.parametrize(
+    ("mode", "applied", "held"),
+    [("auto", {"a", "b"}, 1), ("apply", {"a", "b", "c"}, 0), ("dead-letter", {"a"}, 2)],
+)
+def test_misrouted_events_are_counted_and_held_back_as_the_mode_says(
+    mode: str, applied: set[str], held: int
+) -> None:
+    from test_engine_failures import RecordingDeadLetters
+
+    from spr.engine import Engine
+
+    script, _ = _misrouted_script()
+    sink = FakeSink()
+    engine, _ = make_engine(script, sink, batch=BatchPolicy(max_rows=100), on_misrouted=mode)
+    engine._admin_factory = lambda conf: _PartitionsAdmin()  # type: ignore[assignment]
+    dead = RecordingDeadLetters()
+    engine._dead_letters = dead
+    assert isinstance(engine, Engine)
+    stats = engine.run()
+    assert stats.misrouted == 2 and stats.misrouted_dead_lettered == held
+    assert set(sink.rows) == applied
+    assert [c for _, _, c in dead.sent] == ["misrouted"] * held
+    assert all(r.startswith("misrouted: t[") for _, r, _ in dead.sent)
+    # Every offset moved on, whatever became of the event.
+    assert sum(sink.stored.values()) > 0 and stats.consumed == 3
+
+
+def test_on_misrouted_stop_stops_before_anything_past_it_is_committed() -> None:
+    from spr.errors import SprError
+
+    script, _ = _misrouted_script()
+    sink = FakeSink()
+    engine, consumer = make_engine(
+        script, sink, batch=BatchPolicy(max_rows=100), on_misrouted="stop"
+    )
+    engine._admin_factory = lambda conf: _PartitionsAdmin()  # type: ignore[assignment]
+    with pytest.raises(SprError, match=r"misrouted: t\[.*--on-misrouted stop"):
+        engine.run()
+    assert sink.stored == {} and consumer.commits == []

@@ -12,6 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spr import _core_py
+from spr._event import (
+    MISROUTED_APPLY,
+    MISROUTED_BY_SEQUENCE,
+    MISROUTED_DEAD_LETTER,
+    REASON_MISROUTED_HELD,
+    REASON_MISROUTED_NO_SEQUENCE,
+    reason_misrouted,
+)
 from spr.decode import decode_event
 from spr.errors import InvalidEvent
 from spr.routing import partition_key
@@ -152,6 +160,112 @@ def test_rows_keep_their_key_across_growth(core: ModuleType) -> None:
     assert rows["e7"][2] == 3 and rows["e7"][3] == "x" * (1 + 15_007 % 40)
 
 
+# -- misrouting (design §10) -------------------------------------------------------
+
+N = 4
+
+
+def home(entity: str, count: int = N) -> int:
+    """The partition the entity's key maps to."""
+    result: int = _core_py.partition_for(key(entity), count)
+    return result
+
+
+def misrouted_reason(entity: str, partition: int, why: str, count: int = N) -> str:
+    return reason_misrouted(
+        "t", partition, f"order:{entity}", key(entity).decode(), home(entity, count), count, why
+    )
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["methods", "message"])
+@pytest.mark.parametrize("check_keys", [True, False], ids=["keys", "no-keys"])
+@pytest.mark.parametrize(
+    "mode", [MISROUTED_BY_SEQUENCE, MISROUTED_APPLY, MISROUTED_DEAD_LETTER],
+    ids=["by-sequence", "apply", "dead-letter"],
+)  # fmt: skip
+def test_misrouted_events(core: ModuleType, real: bool, check_keys: bool, mode: int) -> None:
+    wrong = {entity: (home(entity) + 1) % N for entity in "abcdefg"}
+    messages = [
+        msg(10, "a", 1, partition=home("a"), real=real),  # where its key maps: applied
+        msg(11, "b", 1, partition=wrong["b"], real=real),  # misrouted, its own sequence
+        msg(12, "c", None, partition=wrong["c"], real=real),  # misrouted, no sequence
+        msg(13, "d", 1, partition=wrong["d"], topic="u", real=real),  # topic not checked
+        msg(14, "e", 1, partition=wrong["e"], real=real, value=b"{"),  # invalid first
+        msg(15, "f", None, partition=home("f"), real=real),  # no sequence, routed
+        msg(16, "b", 1, partition=wrong["b"], real=real),  # misrouted again (a duplicate)
+        msg(17, "g", 2, partition=wrong["g"], real=real,
+            value=json.dumps({"type": "order", "entityId": "g", "seq": 2,
+                              "status": "x"}).encode()),  # alias names: its own sequence
+    ]  # fmt: skip
+    ring = core.IdempotencyRing(1024, 60_000)
+    batch = core.Batch()
+    result = batch.ingest(messages, ring, 0, check_keys=check_keys, partitions={"t": N},
+                          on_misrouted=mode)  # fmt: skip
+    assert result.misrouted == {"t": 4}
+    with_sequence = {
+        11: misrouted_reason("b", wrong["b"], REASON_MISROUTED_HELD),
+        16: misrouted_reason("b", wrong["b"], REASON_MISROUTED_HELD),
+        17: misrouted_reason("g", wrong["g"], REASON_MISROUTED_HELD),
+    }
+    without = {12: misrouted_reason("c", wrong["c"], REASON_MISROUTED_NO_SEQUENCE)}
+    expected = {
+        MISROUTED_BY_SEQUENCE: without,
+        MISROUTED_APPLY: {},
+        MISROUTED_DEAD_LETTER: {**with_sequence, **without},
+    }[mode]
+    letters = [(m.offset(), why) for m, why in result.misrouted_letters]
+    assert letters == sorted(expected.items())
+    assert [m.offset() for m, _ in result.invalid] == [14]
+    assert result.consumed == 8
+    held = {offset for offset, _ in letters}
+    batched = {m.offset() for m in messages if m.offset() not in held | {14, 16}}
+    assert {r[9] for r in batch.rows()} == batched
+    # A held event never reaches the ring; an applied one does (16 is b's duplicate).
+    assert ring.lookups == len(batched) + (16 not in held)
+    assert result.duplicates == (16 not in held)
+    # Every data message advances its partition, held ones too.
+    next_offsets: dict[tuple[str, int], int] = {}
+    for m in messages:
+        next_offsets[(m.topic(), m.partition())] = max(
+            next_offsets.get((m.topic(), m.partition()), 0), m.offset() + 1
+        )
+    assert batch.next_offsets() == next_offsets
+
+
+def test_misrouting_is_checked_only_when_asked(core: ModuleType) -> None:
+    wrong = (home("a") + 1) % N
+    messages = [msg(0, "a", None, partition=wrong), msg(1, "b", None, partition=home("b"))]
+    for partitions in (None, {}, {"t": 0}, {"u": N}):
+        result = core.Batch().ingest(messages, core.IdempotencyRing(64, 1000), 0,
+                                     partitions=partitions)  # fmt: skip
+        assert result.misrouted == {} and result.misrouted_letters == []
+    result = core.Batch().ingest(messages, core.IdempotencyRing(64, 1000), 0)
+    assert (result.misrouted, result.misrouted_letters) == ({}, [])
+    assert len(result) == 7
+    # Another partition count moves the keys; every topic is counted by itself.
+    counts = {"t": 7, "u": 5}
+    messages = [msg(i, f"e{i}", None, topic=("t", "u")[i % 2], partition=i % 3)
+                for i in range(40)]  # fmt: skip
+    result = core.Batch().ingest(messages, core.IdempotencyRing(64, 1000), 0, partitions=counts)
+    misrouted: dict[str, int] = {}
+    for m in messages:
+        if _core_py.partition_for(key(f"e{m.offset()}"), counts[m.topic()]) != m.partition():
+            misrouted[m.topic()] = misrouted.get(m.topic(), 0) + 1
+    assert list(result.misrouted.items()) == list(misrouted.items())
+    assert len(result.misrouted_letters) == sum(misrouted.values())
+
+
+def test_bad_partition_count(core: ModuleType) -> None:
+    ring = core.IdempotencyRing(64, 1000)
+    messages = [msg(0, "a", 1, value=b"{"), msg(1, "a", 1)]
+    # Only an event that reaches the check raises, as partition_for would.
+    result = core.Batch().ingest(messages[:1], ring, 0, partitions={"t": -1})
+    assert len(result.invalid) == 1
+    for count in (-1, 2**31):
+        with pytest.raises(ValueError, match="num_partitions must be between 1 and 2"):
+            core.Batch().ingest(messages, ring, 0, partitions={"t": count})
+
+
 # -- the two implementations agree on random input --------------------------------
 
 entities = st.sampled_from(["a", "b", "c", "ü", "x" * 300])
@@ -194,18 +308,17 @@ def _messages(spec: list[tuple[str, str, int, int]]) -> list[Any]:
     return messages
 
 
-def _outcome(impl: ModuleType, messages: list[Any]) -> tuple[Any, ...]:
+def _outcome(impl: ModuleType, messages: list[Any], **options: Any) -> tuple[Any, ...]:
     ring = impl.IdempotencyRing(64, 60_000)
     batch = impl.Batch()
-    first = batch.ingest(
-        messages[: len(messages) // 2], ring, 10, assigned={("t", 0), ("t", 1), ("u", 0)}
-    )
-    second = batch.ingest(
-        messages[len(messages) // 2 :], ring, 20, assigned={("t", 0), ("t", 1), ("u", 0)}
-    )
+    assigned = {("t", 0), ("t", 1), ("u", 0)}
+    first = batch.ingest(messages[: len(messages) // 2], ring, 10, assigned, **options)
+    second = batch.ingest(messages[len(messages) // 2 :], ring, 20, assigned, **options)
     return (
         [(r.errors, [(m.offset(), m.topic(), m.partition(), why) for m, why in r.invalid],
-          r.duplicates, r.consumed, r.partition_counts) for r in (first, second)],
+          r.duplicates, r.consumed, r.partition_counts, list(r.misrouted.items()),
+          [(m.offset(), m.topic(), m.partition(), why) for m, why in r.misrouted_letters])
+         for r in (first, second)],
         batch.copy_data(), batch.rows(), batch.next_offsets(), batch.nbytes,
         batch.events_added, ring.hits, ring.lookups,
     )  # fmt: skip
@@ -216,6 +329,21 @@ def _outcome(impl: ModuleType, messages: list[Any]) -> tuple[Any, ...]:
 def test_compiled_and_twin_ingest_agree(compiled: ModuleType, spec: Any) -> None:
     messages = _messages(spec)
     assert _outcome(compiled, messages) == _outcome(_core_py, messages)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    specs,
+    st.sampled_from([{"t": 3}, {"t": 2, "u": 1}, {"u": 3, "t": 3}, {"t": 0}, {"x": 2}, None]),
+    st.sampled_from([MISROUTED_BY_SEQUENCE, MISROUTED_APPLY, MISROUTED_DEAD_LETTER]),
+    st.booleans(),
+)
+def test_compiled_and_twin_agree_on_misrouting(
+    compiled: ModuleType, spec: Any, partitions: Any, mode: int, check_keys: bool
+) -> None:
+    messages = _messages(spec)
+    options = {"partitions": partitions, "on_misrouted": mode, "check_keys": check_keys}
+    assert _outcome(compiled, messages, **options) == _outcome(_core_py, messages, **options)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 500, 4096, 1 << 20])

@@ -35,6 +35,7 @@ DESIGN_7 = (
     "spr_topic_retention_seconds",
     "spr_offset_gaps_total",
     "spr_offset_gap_events_total",
+    "spr_misrouted_events_total",
 )
 
 

@@ -266,10 +266,13 @@ cdef class Batch:
         self._advance(topic, partition, offset)
 
     def ingest(self, messages, IdempotencyRing ring not None, int64_t now_ms,
-               assigned=None, limits=DEFAULT_LIMITS, bint check_keys=True):
-        """Decode, check, deduplicate and buffer one ``consume()`` result; see
-        ``spr._core_py.Batch.ingest`` for the rules. Raises only on a bad argument."""
-        return _ingest(self, messages, ring, now_ms, assigned, limits, check_keys)
+               assigned=None, limits=DEFAULT_LIMITS, bint check_keys=True,
+               partitions=None, on_misrouted=MISROUTED_BY_SEQUENCE):
+        """Decode, check, deduplicate and buffer one ``consume()`` result, holding back
+        misrouted events as ``on_misrouted`` says; see ``spr._core_py.Batch.ingest`` for
+        the rules. Raises only on a bad argument."""
+        return _ingest(self, messages, ring, now_ms, assigned, limits, check_keys,
+                       partitions, on_misrouted)
 
     cdef inline int _advance(self, str topic, int32_t partition, int64_t offset) except -1:
         if (

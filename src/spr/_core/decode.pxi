@@ -154,8 +154,7 @@ cdef class _Fields:
 
 
 cdef object _decode(object value, object offset, object timestamp_ms,
-                    Py_ssize_t max_bytes, int64_t max_depth):
-    cdef _Fields f = _Fields.__new__(_Fields)
+                    Py_ssize_t max_bytes, int64_t max_depth, _Fields f):
     _decode_fields(value, offset, timestamp_ms, max_bytes, max_depth, f)
     event_id = f.event_id
     if not event_id:
@@ -168,6 +167,7 @@ cdef int _decode_fields(object value, object offset, object timestamp_ms,
     cdef Py_ssize_t size
     cdef const uint8_t *data
     cdef int verdict
+    cdef bint given
     if value is None:
         raise InvalidEvent(REASON_NULL)
     if type(value) is not bytes:
@@ -206,7 +206,7 @@ cdef int _decode_fields(object value, object offset, object timestamp_ms,
                 and timestamp is not None
             ):
                 return _fill(out, event_id, entity_type, entity_id, sequence, state,
-                             timestamp)
+                             timestamp, True)
         raw = _raw_decode(value)
     except (_DecodeError, ValueError, RecursionError) as exc:
         raise InvalidEvent(reason_from_msgspec(exc)) from None
@@ -233,8 +233,9 @@ cdef int _decode_fields(object value, object offset, object timestamp_ms,
     sequence = _slot(raw, _RAW_SEQUENCE)
     if sequence is None:
         sequence = _alias_int(raw, _RAW_SEQ, "seq", _MAX_INT64, EXPECT_SEQUENCE)
-        if sequence is None:
-            sequence = offset
+    given = sequence is not None
+    if not given:
+        sequence = offset
     timestamp = _slot(raw, _RAW_TIMESTAMP)
     if timestamp is None:
         timestamp = _alias_int(raw, _RAW_TS, "ts", _MAX_TIMESTAMP_MS, EXPECT_TIMESTAMP)
@@ -245,11 +246,12 @@ cdef int _decode_fields(object value, object offset, object timestamp_ms,
         event_id = _alias_str(raw, _RAW_EVENTID, "eventId")
         if not event_id:
             event_id = _alias_str(raw, _RAW_ID, "id")
-    return _fill(out, event_id, entity_type, entity_id, sequence, state, timestamp)
+    return _fill(out, event_id, entity_type, entity_id, sequence, state, timestamp, given)
 
 
 cdef inline int _fill(_Fields out, object event_id, str entity_type, str entity_id,
-                      object sequence, str state, object timestamp) except -1:
+                      object sequence, str state, object timestamp,
+                      bint sequence_given) except -1:
     if not entity_type:
         raise InvalidEvent(REASON_EMPTY_TYPE)
     if not entity_id:
@@ -262,6 +264,7 @@ cdef inline int _fill(_Fields out, object event_id, str entity_type, str entity_
     out.sequence = sequence
     out.state = state
     out.timestamp = timestamp
+    out.sequence_given = sequence_given
     return 0
 
 
@@ -283,9 +286,21 @@ cdef object _alias_int(object raw, Py_ssize_t offset, str spelling, object maxim
 def decode_event(value, *, offset, timestamp_ms, limits=DEFAULT_LIMITS):
     """Decode one Kafka message value into the canonical ``Event``; see
     ``spr._core_py.decode_event`` for the rules. Raises ``InvalidEvent`` only."""
+    cdef _Fields f = _Fields.__new__(_Fields)
     if limits is _default_limits:
-        return _decode(value, offset, timestamp_ms, _default_max_bytes, _default_max_depth)
-    return _decode(value, offset, timestamp_ms, limits.max_bytes, limits.max_depth)
+        return _decode(value, offset, timestamp_ms, _default_max_bytes, _default_max_depth, f)
+    return _decode(value, offset, timestamp_ms, limits.max_bytes, limits.max_depth, f)
+
+
+def decode_with_sequence(value, *, offset, timestamp_ms, limits=DEFAULT_LIMITS):
+    """``decode_event``, and whether the event carried its own sequence (False when it
+    took ``offset``, which orders it only against events of the same partition)."""
+    cdef _Fields f = _Fields.__new__(_Fields)
+    if limits is _default_limits:
+        event = _decode(value, offset, timestamp_ms, _default_max_bytes, _default_max_depth, f)
+    else:
+        event = _decode(value, offset, timestamp_ms, limits.max_bytes, limits.max_depth, f)
+    return event, f.sequence_given
 
 
 def decode_batch(values, offsets, timestamps_ms, limits=DEFAULT_LIMITS):
@@ -296,11 +311,13 @@ def decode_batch(values, offsets, timestamps_ms, limits=DEFAULT_LIMITS):
     cdef int64_t max_depth = limits.max_depth
     cdef list events = [None] * n
     cdef list invalid = []
+    cdef _Fields f = _Fields.__new__(_Fields)
     if not n == len(offsets) == len(timestamps_ms):
         raise ValueError("values, offsets and timestamps_ms must have the same length")
     for i in range(n):
         try:
-            events[i] = _decode(values[i], offsets[i], timestamps_ms[i], max_bytes, max_depth)
+            events[i] = _decode(values[i], offsets[i], timestamps_ms[i], max_bytes, max_depth,
+                                f)
         except InvalidEvent as exc:
             invalid.append((i, exc.reason))
     return events, invalid

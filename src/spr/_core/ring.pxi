@@ -1,7 +1,8 @@
 # The idempotency ring (design §1): a fixed-memory, open-addressed table of recent
-# fingerprints with a time to live. Its layout (RingSlot, the typed fields) is declared
-# in _core.pxd; the invariants are in the class docstring below. Time enters only as
-# now_ms arguments.
+# fingerprints with a time to live; and SourceTable (design §10), the same table with a
+# value per slot. Their layout (RingSlot, the typed fields) is declared in _core.pxd;
+# the invariants are in the class docstrings below. Time enters only as now_ms
+# arguments.
 
 cdef extern from *:
     """
@@ -22,7 +23,6 @@ cdef Py_ssize_t _PROBE = PROBE_WINDOW
 cdef Py_ssize_t _PREFETCH_AHEAD = 12  # at most 16, the size of the homes buffer
 
 
-@cython.final
 cdef class IdempotencyRing:
     """A fixed-size window of recently seen event fingerprints, with a time to live.
 
@@ -138,6 +138,18 @@ cdef class IdempotencyRing:
         )
 
     cdef inline bint _seen_or_add_at(self, uint64_t fp, size_t slot, int64_t now) noexcept:
+        cdef bint found
+        self._lookups += 1
+        self.last_now_ms = now
+        self._find_or_insert(fp, slot, now, &found)
+        if found:
+            self._hits += 1
+        return found
+
+    cdef inline RingSlot *_find_or_insert(self, uint64_t fp, size_t slot, int64_t now,
+                                          bint *found) noexcept:
+        # The slot holding fp live (found), or the slot fp was just stored in, probing
+        # from its home ``slot``. Counts evictions; the callers count lookups and hits.
         cdef RingSlot *s
         cdef RingSlot *victim = NULL
         cdef int victim_kind = 3  # 0 empty, 1 expired, 2 oldest live, 3 none yet
@@ -145,8 +157,6 @@ cdef class IdempotencyRing:
         cdef bint live
         if fp == 0:
             fp = _ZERO_SUBSTITUTE
-        self._lookups += 1
-        self.last_now_ms = now
         for _ in range(self.window):
             s = &self.slots[slot]
             if s.fingerprint == 0:
@@ -157,8 +167,8 @@ cdef class IdempotencyRing:
             live = _live(s.added_ms, now, self._ttl_ms)
             if s.fingerprint == fp:
                 if live:
-                    self._hits += 1
-                    return True
+                    found[0] = True
+                    return s
                 # Reuse the expired copy, so that a fingerprint has one slot at most.
                 victim = s
                 victim_kind = 1
@@ -178,7 +188,69 @@ cdef class IdempotencyRing:
             self._evictions += 1
         victim.fingerprint = fp
         victim.added_ms = now
-        return False
+        found[0] = False
+        return victim
+
+
+cdef object _MASK64 = 0xFFFFFFFFFFFFFFFF
+cdef object _INT64_MIN = -(2**63)
+cdef object _INT64_MAX = 2**63 - 1
+
+
+@cython.final
+cdef class SourceTable(IdempotencyRing):
+    """Which source partition an entity's events without a sequence came from, in fixed
+    memory with a time to live (the ring's table, with a 64-bit value per slot).
+
+    Same contract as ``spr._core_py.SourceTable``. Invariants: those of the ring, whose
+    probe (``_find_or_insert``) it shares; ``sources`` holds ``capacity`` values,
+    ``sources[i]`` belonging to ``slots[i]`` and written when a claim stores a
+    fingerprint there (so a slot filled by ``seen_or_add`` keeps a stale value, as in
+    the twin: the two uses are not meant to be mixed on one table).
+    """
+
+    def __cinit__(self, capacity, ttl_ms):
+        # IdempotencyRing.__cinit__ has checked the arguments and allocated the slots.
+        self.sources = <uint64_t *>calloc(self._capacity, sizeof(uint64_t))
+        if self.sources is NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.sources)
+
+    def clear(self):
+        """Forget every entry (the counters stay)."""
+        memset(self.slots, 0, self._capacity * sizeof(RingSlot))
+        memset(self.sources, 0, self._capacity * sizeof(uint64_t))
+
+    def claim(self, entity, source, now_ms):
+        """0 when ``entity`` (a fingerprint) has no live claim or is claimed by
+        ``source`` (both unsigned 64-bit, ``source`` non-zero): ``source`` then holds
+        it; otherwise the other source that holds it."""
+        if not 0 <= entity <= _MASK64:
+            raise OverflowError(f"fingerprint must be an unsigned 64-bit int, got {entity}")
+        if not _INT64_MIN <= now_ms <= _INT64_MAX:
+            raise OverflowError(f"now_ms must fit in a signed 64-bit int, got {now_ms}")
+        if not 0 < source <= _MASK64:
+            raise OverflowError(f"source must be a non-zero unsigned 64-bit int, got {source}")
+        return self._claim(entity, source, now_ms)
+
+    cdef inline uint64_t _claim(self, uint64_t fp, uint64_t source, int64_t now) noexcept:
+        cdef bint found
+        cdef RingSlot *s
+        cdef uint64_t held
+        self._lookups += 1
+        self.last_now_ms = now
+        # Through the base type: Cython calls an inherited final method by vtable.
+        s = (<IdempotencyRing>self)._find_or_insert(
+            fp, spr_home_slot(fp or _ZERO_SUBSTITUTE, self._capacity), now, &found
+        )
+        if not found:
+            self.sources[s - self.slots] = source
+            return 0
+        self._hits += 1
+        held = self.sources[s - self.slots]
+        return 0 if held == source else held
 
 
 cdef inline bint _live(int64_t added, int64_t now, int64_t ttl) noexcept nogil:

@@ -22,10 +22,16 @@ from spr._core_py.batch import Batch
 from spr._core_py.batch import check_columns as check_columns
 from spr._core_py.copy import COPY_BINARY_HEADER as COPY_BINARY_HEADER
 from spr._core_py.copy import COPY_BINARY_TRAILER as COPY_BINARY_TRAILER
-from spr._core_py.decode import decode_batch, decode_event
+from spr._core_py.decode import decode_batch, decode_event, decode_with_sequence
 from spr._core_py.fingerprints import event_fingerprint, fingerprint
 from spr._core_py.keycheck import check_key
-from spr._core_py.ring import PROBE_WINDOW, ZERO_FINGERPRINT_SUBSTITUTE, IdempotencyRing
+from spr._core_py.rekey import rekey, source_fingerprint
+from spr._core_py.ring import (
+    PROBE_WINDOW,
+    ZERO_FINGERPRINT_SUBSTITUTE,
+    IdempotencyRing,
+    SourceTable,
+)
 from spr._core_py.ring import _home_slot as _home_slot
 from spr._core_py.routing import murmur2, partition_for, partition_key, route_many
 
@@ -34,13 +40,17 @@ __all__ = [
     "ZERO_FINGERPRINT_SUBSTITUTE",
     "Batch",
     "IdempotencyRing",
+    "SourceTable",
     "check_key",
     "decode_batch",
     "decode_event",
+    "decode_with_sequence",
     "event_fingerprint",
     "fingerprint",
     "murmur2",
     "partition_for",
     "partition_key",
+    "rekey",
     "route_many",
+    "source_fingerprint",
 ]

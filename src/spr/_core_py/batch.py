@@ -8,7 +8,7 @@ blocks.
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -16,7 +16,14 @@ from spr._core_py.copy import _copy_chunks, _copy_data, _event_ts_valid
 from spr._core_py.ingest import _ingest
 from spr._core_py.ints import _INT32_MAX, _check_int64
 from spr._core_py.ring import IdempotencyRing
-from spr._event import DEFAULT_LIMITS, STATE_COLUMNS, DecodeLimits, Event, IngestResult
+from spr._event import (
+    DEFAULT_LIMITS,
+    MISROUTED_BY_SEQUENCE,
+    STATE_COLUMNS,
+    DecodeLimits,
+    Event,
+    IngestResult,
+)
 from spr.errors import ConfigError
 
 # Per buffered row, on top of the payload: the Event, its strings and the index entry.
@@ -136,6 +143,8 @@ class Batch:
         assigned: Container[tuple[str, int]] | None = None,
         limits: DecodeLimits = DEFAULT_LIMITS,
         check_keys: bool = True,
+        partitions: Mapping[str, int] | None = None,
+        on_misrouted: int = MISROUTED_BY_SEQUENCE,
     ) -> IngestResult:
         """Take one ``consume()`` result into the batch, message by message, in order.
 
@@ -145,13 +154,21 @@ class Batch:
         message is decoded (``decode_event`` with its offset and broker timestamp);
         then, when ``check_keys``, its Kafka key must be ``partition_key(entity_type:
         entity_id)`` (design §3; a missing key fails too). A message failing either is
-        returned in ``invalid`` with its reason. The rest are looked up in ``ring``
+        returned in ``invalid`` with its reason. When ``partitions`` (topic -> partition
+        count) names the message's topic, a message whose partition is not
+        ``partition_for(partition_key, count)`` is *misrouted* (counted per topic); as
+        ``on_misrouted`` says (``MISROUTED_BY_SEQUENCE``: only when the event has no
+        sequence of its own; ``MISROUTED_APPLY``: never; ``MISROUTED_DEAD_LETTER``:
+        always) it is returned in ``misrouted_letters`` with its reason instead of being
+        batched. The rest are looked up in ``ring``
         (fingerprint of ``entity_type:entity_id:sequence`` at ``now_ms``): a hit counts
         as a duplicate; a miss is added (collapsed like :meth:`add`). Every data message
         of an assigned partition advances its partition's next offset. Raises only on a
         bad argument (a message that is not a Kafka message, a wrong type).
         """
-        return _ingest(self, messages, ring, now_ms, assigned, limits, check_keys)
+        return _ingest(
+            self, messages, ring, now_ms, assigned, limits, check_keys, partitions, on_misrouted
+        )
 
     def _advance(self, topic: str, partition: int, offset: int) -> None:
         key = (topic, partition)

@@ -75,6 +75,18 @@ def decode_event(
     broker's), and a missing or empty event id ``f"{entity_type}:{entity_id}:{sequence}"``
     (the idempotency key). Raises :class:`InvalidEvent` with a reason, nothing else.
     """
+    return decode_with_sequence(value, offset=offset, timestamp_ms=timestamp_ms, limits=limits)[0]
+
+
+def decode_with_sequence(
+    value: bytes | None,
+    *,
+    offset: int,
+    timestamp_ms: int,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> tuple[Event, bool]:
+    """:func:`decode_event`, and whether the event carried its own sequence (False when
+    it took ``offset``, which orders it only against events of the same partition)."""
     if value is None:
         raise InvalidEvent(REASON_NULL)
     if type(value) is not bytes:
@@ -104,7 +116,7 @@ def decode_event(
                 and fast.sequence is not None
                 and fast.timestamp is not None
             ):
-                return _build(
+                event = _build(
                     fast.event_id,
                     fast.entity_type,
                     fast.entity_id,
@@ -113,6 +125,7 @@ def decode_event(
                     fast.timestamp,
                     value,
                 )
+                return event, True
         raw = RAW_DECODER.decode(value)
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         raise InvalidEvent(reason_from_msgspec(exc)) from None
@@ -139,8 +152,9 @@ def decode_event(
     sequence = raw.sequence
     if sequence is None:
         sequence = _alias_int(raw, "seq", MAX_INT64, EXPECT_SEQUENCE)
-        if sequence is None:
-            sequence = offset
+    given = sequence is not None
+    if sequence is None:
+        sequence = offset
     timestamp = raw.timestamp
     if timestamp is None:
         timestamp = _alias_int(raw, "ts", MAX_TIMESTAMP_MS, EXPECT_TIMESTAMP)
@@ -151,7 +165,7 @@ def decode_event(
         event_id = _alias_str(raw, "eventId")
         if not event_id:
             event_id = _alias_str(raw, "id")
-    return _build(event_id, entity_type, entity_id, sequence, state, timestamp, value)
+    return _build(event_id, entity_type, entity_id, sequence, state, timestamp, value), given
 
 
 def _build(

@@ -145,6 +145,13 @@ class IdempotencyRing:
     def _seen_or_add(self, fp: int, now: int) -> bool:
         self._lookups += 1
         self._last_now_ms = now
+        found = self._find_or_insert(fp, now)[1]
+        if found:
+            self._hits += 1
+        return found
+
+    def _find_or_insert(self, fp: int, now: int) -> tuple[int, bool]:
+        # The slot holding fp live (True), or the slot fp was just stored in (False).
         fps = self._fingerprints
         times = self._times
         ttl = self._ttl_ms
@@ -164,8 +171,7 @@ class IdempotencyRing:
             live = abs(now - t) < ttl
             if stored == fp:
                 if live:
-                    self._hits += 1
-                    return True
+                    return slot, True
                 # Reuse the expired copy, so that a fingerprint has one slot at most.
                 victim = slot
                 victim_kind = 1
@@ -185,4 +191,46 @@ class IdempotencyRing:
             self._evictions += 1
         fps[victim] = fp
         times[victim] = now
-        return False
+        return victim, False
+
+
+class SourceTable(IdempotencyRing):
+    """Which source partition an entity's events without a sequence came from, in fixed
+    memory with a time to live (the ring's table, with a 64-bit value per slot).
+
+    An event without a sequence takes its source offset as its sequence (design §2):
+    that orders it against the entity's other events from the *same* partition only.
+    :meth:`claim` records the source of an entity's first such event and answers for
+    the next ones: another source means the event cannot be ordered. Like the ring it
+    may forget (an eviction, an expired entry); then the next event claims the entity
+    afresh. A claim does not refresh an entry's time. Not thread-safe.
+    """
+
+    __slots__ = ("_sources",)
+
+    def __init__(self, capacity: int, ttl_ms: int) -> None:
+        super().__init__(capacity, ttl_ms)
+        self._sources = array("Q", bytes(8 * capacity))
+
+    def clear(self) -> None:
+        """Forget every entry (the counters stay)."""
+        super().clear()
+        self._sources = array("Q", bytes(8 * self._capacity))
+
+    def claim(self, entity: int, source: int, now_ms: int) -> int:
+        """0 when ``entity`` (a fingerprint) has no live claim or is claimed by
+        ``source`` (both unsigned 64-bit, ``source`` non-zero): ``source`` then holds
+        it; otherwise the other source that holds it."""
+        fp = _check_fingerprint(entity)
+        _check_int64(now_ms, "now_ms")
+        if not 0 < source <= _MASK64:
+            raise OverflowError(f"source must be a non-zero unsigned 64-bit int, got {source}")
+        self._lookups += 1
+        self._last_now_ms = now_ms
+        slot, found = self._find_or_insert(fp, now_ms)
+        if not found:
+            self._sources[slot] = source
+            return 0
+        self._hits += 1
+        held = int(self._sources[slot])
+        return 0 if held == source else held

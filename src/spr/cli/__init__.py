@@ -35,6 +35,7 @@ _COMMAND_MODULES = (
     "spr.cli.produce",
     "spr.cli.dlq",
     "spr.cli.run",
+    "spr.cli.transform",
     "spr.cli.db",
     "spr.cli.lag",
     "spr.cli.replay",

@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from spr.cli.options import (
     require_kafka,
     require_writable,
 )
+from spr.cli.workers import run_workers
 from spr.config import BatchPolicy, EngineConfig, load_engine_config
 from spr.errors import ConfigError
 from spr.kafka.clients import check_settings
@@ -145,6 +145,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="when retention deleted unapplied events: stop (default: fail) or skip the gap",
     )
     run.add_argument(
+        "--on-misrouted",
+        choices=("auto", "apply", "dead-letter", "stop"),
+        help="an event on a partition its key does not map to: apply it when it has a "
+        "sequence and dead-letter it without one (default: auto), or apply, dead-letter "
+        "or stop at every one",
+    )
+    run.add_argument(
         "--metrics-port",
         type=int,
         metavar="P",
@@ -154,8 +161,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--metrics-window",
         type=float,
         metavar="SECONDS",
-        help="window of the partition-skew gauge, spr_partition_distribution_variance "
-        "(default 60)",
+        help="window of the partition-skew gauge, spr_partition_distribution_variance (default 60)",
     )
     run.add_argument(
         "--metrics-addr",
@@ -192,6 +198,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "dlq_topic": args.dlq_topic,
         "dead_letters": args.dead_letters,
         "on_offset_gap": args.on_offset_gap,
+        "on_misrouted": args.on_misrouted,
     }
 
 
@@ -224,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
 
         with PostgresSink.from_config(config) as sink:
             sink.ensure_schema(auto_create=config.auto_create_schema)
-        return _run_workers(args, config.workers)
+        return run_workers("run", config.workers, lambda i: _child_argv(args, i))
     return run_engine(
         config,
         command="run",
@@ -342,6 +349,7 @@ def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
         "--stats": f"{args.stats}.{index}" if args.stats else None,
         "--dlq-topic": args.dlq_topic,
         "--on-offset-gap": args.on_offset_gap,
+        "--on-misrouted": args.on_misrouted,
         # One endpoint per worker: consecutive ports (0 lets each pick a free one).
         "--metrics-port": (
             None
@@ -367,28 +375,3 @@ def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
     for item in args.kafka:
         argv += ["-X", item]
     return argv
-
-
-def _run_workers(args: argparse.Namespace, workers: int) -> int:
-    """Run ``workers`` engine processes in one group; forward SIGTERM/SIGINT to them.
-
-    Returns 0 when every worker exited 0, else the first non-zero exit code (a worker
-    killed by a signal counts as failed)."""
-    children = [subprocess.Popen(_child_argv(args, i)) for i in range(workers)]
-
-    def _forward(signum: int, frame: FrameType | None) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-
-    previous = {s: signal.signal(s, _forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        codes = [child.wait() for child in children]
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    failed = [c for c in codes if c != 0]
-    if failed:
-        print(f"spr run: {len(failed)} of {workers} worker(s) failed", file=sys.stderr)
-        return failed[0] if failed[0] > 0 else 1
-    return 0

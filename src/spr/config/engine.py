@@ -14,9 +14,10 @@ from spr.config.policies import BackpressurePolicy, BatchPolicy, positive
 from spr.errors import ConfigError
 from spr.retry import BreakerPolicy, RetryPolicy
 
-__all__ = ["DLQ_SUFFIX", "EngineConfig", "dlq_topic_for"]
+__all__ = ["DLQ_SUFFIX", "ON_MISROUTED", "EngineConfig", "dlq_topic_for"]
 
 _ON_OFFSET_GAP = ("fail", "earliest", "latest")
+ON_MISROUTED = ("auto", "apply", "dead-letter", "stop")
 
 DLQ_SUFFIX = ".dlq"
 
@@ -77,6 +78,10 @@ class EngineConfig:
     idle_exit_s: float | None = None
     max_events: int | None = None
     on_offset_gap: str = "fail"
+    # An event on a partition its key does not map to (design §10): "auto" applies it
+    # when it carries a sequence (the guard orders it) and dead-letters it without one;
+    # "apply", "dead-letter" and "stop" decide for every misrouted event.
+    on_misrouted: str = "auto"
     workers: int = 1
     # A partition with lag whose position has not moved for this long, while spr does
     # not hold it, is stalled (a bug or a broker problem): warned about, counted, and
@@ -116,6 +121,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None:
                 positive(name, value)
+        if self.on_misrouted not in ON_MISROUTED:
+            raise ConfigError(
+                f"on_misrouted must be one of {', '.join(ON_MISROUTED)}, got {self.on_misrouted!r}"
+            )
         if self.on_offset_gap not in _ON_OFFSET_GAP:
             raise ConfigError(
                 f"on_offset_gap must be one of {', '.join(_ON_OFFSET_GAP)}, got {self.on_offset_gap!r}"

@@ -69,7 +69,9 @@ class DeadLetterWriter:
     refuses to write a dead letter into any of them, or into the letter's own source
     topic (design §6, fatal: the letter would be consumed and dead-lettered again
     without end). :class:`spr.config.EngineConfig` refuses such a setting before any
-    server is touched; this is the second guard, for any other caller.
+    server is touched; this is the second guard, for any other caller. ``producer``,
+    when given, is the producer the letters are written with (``spr transform``'s
+    transactional one), instead of one of the writer's own.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class DeadLetterWriter:
         metadata_timeout: float = 10.0,
         group: str | None = None,
         source_topics: Collection[str] = (),
+        producer: Any | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.dlq_topic = dlq_topic
@@ -99,7 +102,11 @@ class DeadLetterWriter:
         self.config = merge_kafka_config(
             {**DLQ_PRODUCER_DEFAULTS, "bootstrap.servers": bootstrap}, producer_config or {}
         )
-        self._producer = Producer({**self.config, "error_cb": self._on_error, "logger": KAFKA_LOG})
+        # A given producer (a transactional one: spr transform writes its dead letters in
+        # the batch's transaction) is used as it is; flushing it is its owner's business.
+        self._producer = producer or Producer(
+            {**self.config, "error_cb": self._on_error, "logger": KAFKA_LOG}
+        )
         self._partitions: dict[str, int] = {}
         self.sent = 0
         self.delivered = 0

@@ -96,6 +96,7 @@ class DeadLetters:
         self.kafka_conf = kafka_conf
         self.read_timeout_s = read_timeout_s
         self.invalid = 0
+        self.misrouted = 0
         self._lock = threading.Lock()
         self._log = RateLimitedLog(log, clock)
 
@@ -104,30 +105,39 @@ class DeadLetters:
         return self.sink is not None
 
     def invalid_event(
-        self, message: Any, reason: str, position: tuple[str, int, int] | None = None
+        self,
+        message: Any,
+        reason: str,
+        position: tuple[str, int, int] | None = None,
+        *,
+        error_class: ErrorClass = ErrorClass.INVALID,
     ) -> None:
-        """Count, log and dead-letter one invalid message (``position``: its topic,
-        partition and offset, when ``message`` is a :class:`spr.dlq.SourceRecord`). An
-        unwritable dead-letter topic stops the pipeline; the message's offset must not
-        be committed."""
+        """Count, log and dead-letter one message held back: an invalid one, or one of
+        ``error_class`` MISROUTED (``position``: its topic, partition and offset, when
+        ``message`` is a :class:`spr.dlq.SourceRecord`). An unwritable dead-letter topic
+        stops the pipeline; the message's offset must not be committed."""
         if position is None:
             position = (message.topic(), message.partition(), message.offset())
         topic, partition, offset = position
-        self.invalid += 1
-        self._log.warning("invalid event at %s[%d]@%d: %s", topic, partition, offset, reason)
+        if error_class is ErrorClass.MISROUTED:
+            self.misrouted += 1
+        else:
+            self.invalid += 1
+        self._log.warning("%s event at %s[%d]@%d: %s", error_class, topic, partition, offset,
+                          reason)  # fmt: skip
         sink = self.sink
         if sink is None or self.failure.failed:
             return
         try:
             with self._lock:
-                sink.send(message, reason)
+                sink.send(message, reason, error_class=str(error_class))
         except DeadLetterUnavailable as exc:
             self.failure.fail(exc)
             return
         log_event(
             log,
             "dlq",
-            error_class=str(ErrorClass.INVALID),
+            error_class=str(error_class),
             topic=topic,
             partition=partition,
             offset=offset,

@@ -61,13 +61,19 @@ class Intake:
         limits: DecodeLimits,
         *,
         sample_latency: bool = False,
+        on_misrouted: int = 0,
     ) -> None:
         self.policy = policy
         self.ring = ring
         self.limits = limits
         self.sample_latency = sample_latency
+        #: Topic -> partition count, for the misrouting check (None: no check).
+        self.partitions: dict[str, int] | None = None
+        self.on_misrouted = on_misrouted
         self.consumed = 0
         self.duplicate = 0
+        #: Misrouted events per topic (design §10), whatever became of them.
+        self.misrouted: dict[str, int] = {}
         #: Events per partition since the metrics last took them (see take_partition_events).
         self.partition_events: dict[TopicPartitionKey, int] = {}
         self.last_message_s = 0.0
@@ -86,9 +92,20 @@ class Intake:
 
     def ingest(self, messages: list[Any], now_s: float, assigned: set[TopicPartitionKey]) -> Any:
         """Take one ``consume()`` result; returns the core's ``IngestResult`` (its
-        ``invalid`` events and ``errors`` are for the caller to route; their offsets
-        are already advanced in the batch)."""
-        result = self.batch.ingest(messages, self.ring, int(now_s * 1000), assigned, self.limits)
+        ``invalid`` events, ``misrouted_letters`` and ``errors`` are for the caller to
+        route; their offsets are already advanced in the batch)."""
+        result = self.batch.ingest(
+            messages,
+            self.ring,
+            int(now_s * 1000),
+            assigned,
+            self.limits,
+            True,
+            self.partitions,
+            self.on_misrouted,
+        )
+        for topic, events in result.misrouted.items():
+            self.misrouted[topic] = self.misrouted.get(topic, 0) + events
         consumed = result.consumed
         if not consumed:
             return result
@@ -100,7 +117,7 @@ class Intake:
         self.consumed += consumed
         self.duplicate += result.duplicates
         self.messages += consumed
-        self.invalid += len(result.invalid)
+        self.invalid += len(result.invalid) + len(result.misrouted_letters)
         counts = self.partition_events
         for key, events in result.partition_counts.items():
             counts[key] = counts.get(key, 0) + events

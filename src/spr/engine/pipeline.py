@@ -34,6 +34,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from spr._event import MISROUTED_APPLY, MISROUTED_BY_SEQUENCE, MISROUTED_DEAD_LETTER
 from spr.classify import ErrorClass, classify_kafka_error
 from spr.clock import Clock, SystemClock
 from spr.config import EngineConfig, uses_cooperative_rebalance
@@ -44,7 +45,7 @@ from spr.engine.failures import FirstFailure
 from spr.engine.flushing import Flushing, FlushJob
 from spr.engine.intake import Intake, PendingBatch
 from spr.engine.positions import Positions
-from spr.errors import ServerUnavailable
+from spr.errors import ServerUnavailable, SprError
 from spr.kafka.admin import KafkaAdmin
 from spr.kafka.clients import topic_partition
 from spr.logs import log_event
@@ -59,6 +60,12 @@ SinkFactory = Callable[[], PostgresSink]
 AdminFactory = Callable[[dict[str, Any]], KafkaAdmin]
 FlushListener = Callable[[PendingBatch, FlushResult, float], None]
 
+_MISROUTED_MODES = {
+    "auto": MISROUTED_BY_SEQUENCE,
+    "apply": MISROUTED_APPLY,
+    "dead-letter": MISROUTED_DEAD_LETTER,
+    "stop": MISROUTED_DEAD_LETTER,  # held back, then the pipeline stops at the first
+}
 _ERR_PARTITION_EOF = -191
 _ERR_UNKNOWN_TOPIC = -188
 _ERR_UNKNOWN_TOPIC_OR_PART = 3
@@ -110,7 +117,13 @@ class StatePipeline:
         self.cooperative = uses_cooperative_rebalance(self.kafka_conf)
         self.failure = FirstFailure()
         ring = IdempotencyRing(config.ring_capacity, config.ring_ttl_ms)
-        self.intake = Intake(config.batch, ring, decode_limits, sample_latency=sample_latency)
+        self.intake = Intake(
+            config.batch,
+            ring,
+            decode_limits,
+            sample_latency=sample_latency,
+            on_misrouted=_MISROUTED_MODES[config.on_misrouted],
+        )
         self.dead_letters = DeadLetters(
             dead_letters,
             self.failure,
@@ -197,6 +210,11 @@ class StatePipeline:
         result = self.intake.ingest(messages, now, self.positions.assigned)
         for message, reason in result.invalid:
             self.dead_letters.invalid_event(message, reason)
+        for message, reason in result.misrouted_letters:
+            if self.config.on_misrouted == "stop":
+                self.failure.fail(SprError(f"{reason} (--on-misrouted stop)"))
+                break
+            self.dead_letters.invalid_event(message, reason, error_class=ErrorClass.MISROUTED)
         # After the invalid events are dead-lettered: a Kafka error that stops the
         # pipeline must not leave an offset in the batch past an event never handled.
         for message in result.errors:
@@ -342,10 +360,19 @@ class StatePipeline:
         try:
             self.rebalances += 1
             self.positions.assign(keys)
+            self._count_partitions()
             log_event(log, "rebalance", change="assign", partitions=_describe(keys))
         except BaseException as exc:
             self.failure.fail(exc)
         return keys
+
+    def _count_partitions(self) -> None:
+        # The topics' partition counts, for the misrouting check (design §10). Without
+        # an answer the check keeps the counts it had (none at first: no check).
+        try:
+            self.intake.partitions = self.positions.partition_counts()
+        except Exception as exc:
+            log.debug("partition counts unavailable; misrouting not checked: %s", exc)
 
     def on_revoke(self, consumer: Any, partitions: list[Any]) -> set[TopicPartitionKey]:
         """Flush and commit before ``partitions`` go, within the revoke budget, or roll

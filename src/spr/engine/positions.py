@@ -118,6 +118,13 @@ class Positions:
             self.consumer.assign(assignment)
             self.assigned = set(keys)
 
+    def partition_counts(self) -> dict[str, int]:
+        """How many partitions each topic has now (one metadata request per topic)."""
+        counts: dict[str, int] = {}
+        for topic, _ in self.admin.partitions(self.config.topics):
+            counts[topic] = counts.get(topic, 0) + 1
+        return counts
+
     def release(self, keys: set[TopicPartitionKey]) -> None:
         """Give up ``keys``: unassign them and forget their offsets."""
         try:

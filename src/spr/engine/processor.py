@@ -141,6 +141,8 @@ class Engine:
             max_buffered_bytes=self._max_buffered_bytes,
             stalled_partitions=0 if self.stalls is None else self.stalls.stalled,
             stall_recoveries=0 if self.stalls is None else self.stalls.recoveries,
+            misrouted=sum(intake.misrouted.values()),
+            misrouted_dead_lettered=pipeline.dead_letters.misrouted,
             active_s=self._active_s(),
         )
 
@@ -337,6 +339,7 @@ class Engine:
                 self._consumer,
                 pipeline.positions.assigned,
                 pipeline.intake.take_partition_events,
+                pipeline.intake.misrouted,
             )
 
     def _publish_metrics(self) -> None:
@@ -344,7 +347,10 @@ class Engine:
         if telemetry is None or pipeline is None or not telemetry.enabled:
             return
         telemetry.publish(
-            self._consumer, pipeline.assigned, pipeline.intake.take_partition_events()
+            self._consumer,
+            pipeline.assigned,
+            pipeline.intake.take_partition_events(),
+            pipeline.intake.misrouted,
         )
 
     # -- start-up and shutdown ------------------------------------------------------------

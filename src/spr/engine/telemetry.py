@@ -72,7 +72,9 @@ class EngineStats:
     ``circuit_opens`` how often it opened; ``offset_gaps`` counts retention gaps skipped
     and ``offset_gap_events`` the events lost in them; ``stalled_partitions`` are the
     partitions stalled now and ``stall_recoveries`` the seeks that recovered them
-    (:mod:`spr.engine.stalls`); ``active_s`` is the time from the first message consumed
+    (:mod:`spr.engine.stalls`); ``misrouted`` counts events on a partition their key
+    does not map to and ``misrouted_dead_lettered`` those of them held back and
+    dead-lettered (design §10); ``active_s`` is the time from the first message consumed
     to the last flush committed (None before both happened).
     """
 
@@ -105,6 +107,8 @@ class EngineStats:
     max_buffered_bytes: int = 0
     stalled_partitions: int = 0
     stall_recoveries: int = 0
+    misrouted: int = 0
+    misrouted_dead_lettered: int = 0
     active_s: float | None = None
 
     @property
@@ -150,6 +154,7 @@ class Telemetry:
         self._probe: threading.Thread | None = None
         self._probe_last_s = -1e18
         self._lag_seconds: dict[TopicPartitionKey, float] = {}
+        self._misrouted: dict[str, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -167,9 +172,27 @@ class Telemetry:
             for timestamp, weight in zip(timestamps, weights, strict=True):
                 local.observe_latency(max(commit_ms - timestamp, 0.0) / 1000.0, weight)
 
-    def tick(self, consumer: Any, assigned: set[TopicPartitionKey], partition_events: Any) -> None:
+    def _count_misrouted(self, totals: Mapping[str, int]) -> None:
+        # Cumulative totals per topic into this publish's deltas; every topic is there
+        # from the first publish, at 0.
+        for topic in self.topics:
+            self.local.misrouted.setdefault(topic, 0)
+        for topic, total in totals.items():
+            delta = total - self._misrouted.get(topic, 0)
+            if delta:
+                self.local.misrouted[topic] = self.local.misrouted.get(topic, 0) + delta
+                self._misrouted[topic] = total
+
+    def tick(
+        self,
+        consumer: Any,
+        assigned: set[TopicPartitionKey],
+        partition_events: Any,
+        misrouted: Mapping[str, int],
+    ) -> None:
         """About once a second (the publisher's interval): publish. ``partition_events``
-        is called for the events per partition since the last publish."""
+        is called for the events per partition since the last publish; ``misrouted`` is
+        the misrouted events per topic so far."""
         publisher = self.publisher
         if publisher is None:
             return
@@ -177,16 +200,17 @@ class Telemetry:
         if now - self._last_s < publisher.interval_s:
             return
         self._last_s = now
-        self.publish(consumer, assigned, partition_events())
+        self.publish(consumer, assigned, partition_events(), misrouted)
 
     def publish(
         self,
         consumer: Any,
         assigned: set[TopicPartitionKey],
         partition_events: Mapping[TopicPartitionKey, int],
+        misrouted: Mapping[str, int],
     ) -> None:
-        """Fold counter deltas, lag and per-partition counts into the local stats and
-        publish them."""
+        """Fold counter deltas, lag, per-partition counts and misrouted events into the
+        local stats and publish them."""
         publisher = self.publisher
         if publisher is None:
             return
@@ -198,6 +222,7 @@ class Telemetry:
             local.circuit_state = int(current["circuit_state"])
             for (topic, partition), events in partition_events.items():
                 local.count_partition_events(topic, partition, events)
+            self._count_misrouted(misrouted)
             if consumer is not None and assigned:
                 self._update_lag(consumer, assigned)
             publisher.publish(local)

@@ -66,7 +66,8 @@ class LocalStats:
     - *deltas*, zeroed by every publish: the outcome counters (``applied``, ``stale``,
       ``duplicate``, ``dead_lettered``), ``idempotency_lookups`` / ``idempotency_hits``,
       ``producer_records`` / ``producer_errors``, ``rebalances``, ``offset_gaps`` /
-      ``offset_gap_events``, the ``latency`` and ``flush`` bucket counts, and
+      ``offset_gap_events``, ``misrouted`` (events per topic), the ``latency`` and
+      ``flush`` bucket counts, and
       ``partition_events`` (events per ``(topic, partition)``);
     - *current state*, kept across publishes: ``lag`` and ``lag_seconds`` per
       ``(topic, partition)``, ``retention_seconds`` per topic, ``paused_partitions``,
@@ -88,6 +89,7 @@ class LocalStats:
         "lag",
         "lag_seconds",
         "latency",
+        "misrouted",
         "offset_gap_events",
         "offset_gaps",
         "partition_events",
@@ -117,6 +119,7 @@ class LocalStats:
         self.rebalances = 0
         self.offset_gaps = 0
         self.offset_gap_events = 0
+        self.misrouted: dict[str, int] = {}
         self.latency = BucketCounts(latency_buckets)
         self.flush = BucketCounts(flush_buckets)
         self.partition_events: dict[tuple[str, int], int] = {}
@@ -171,6 +174,7 @@ class LocalStats:
         self.idempotency_lookups = self.idempotency_hits = 0
         self.producer_records = self.producer_errors = 0
         self.rebalances = self.offset_gaps = self.offset_gap_events = 0
+        self.misrouted.clear()
         self.latency.clear()
         self.flush.clear()
         self.partition_events.clear()
@@ -186,7 +190,7 @@ def fold_engine_counters(
     Mapping: ``applied`` = applied + collapsed (superseded within a batch by a newer
     sequence of the same entity, which is what applying it in order gives);
     ``stale``; ``duplicate``; ``dead_lettered`` = invalid + rejected (rows the database
-    refused, dead-lettered); ring lookups = consumed -
+    refused, dead-lettered) + misrouted events held back and dead-lettered; ring lookups = consumed -
     invalid (every decodable event is looked up) and hits = duplicate; ``rebalances``;
     ``offset_gaps`` and ``offset_gap_events`` (retention gaps skipped, events lost in them).
     ``paused_partitions`` and ``stalled_partitions`` are copied as current values.
@@ -198,7 +202,7 @@ def fold_engine_counters(
     stats.applied += delta("applied") + delta("collapsed")
     stats.stale += delta("stale")
     stats.duplicate += delta("duplicate")
-    stats.dead_lettered += delta("invalid") + delta("rejected")
+    stats.dead_lettered += delta("invalid") + delta("rejected") + delta("misrouted_dead_lettered")
     stats.idempotency_lookups += delta("consumed") - delta("invalid")
     stats.idempotency_hits += delta("duplicate")
     stats.rebalances += delta("rebalances")

@@ -28,6 +28,8 @@ TOPIC_RETENTION_SECONDS = "spr_topic_retention_seconds"
 # Retention gaps skipped by on_offset_gap = earliest|latest.
 OFFSET_GAPS_TOTAL = "spr_offset_gaps_total"
 OFFSET_GAP_EVENTS_TOTAL = "spr_offset_gap_events_total"
+# Events on a partition their key does not map to (design §10), per topic.
+MISROUTED_EVENTS_TOTAL = "spr_misrouted_events_total"
 # Not in design §7: partitions with lag that stopped moving for no reason spr knows
 # (spr.engine.stalls).
 STALLED_PARTITIONS = "spr_stalled_partitions"
@@ -49,6 +51,7 @@ DESIGN_METRIC_NAMES: tuple[str, ...] = (
     TOPIC_RETENTION_SECONDS,
     OFFSET_GAPS_TOTAL,
     OFFSET_GAP_EVENTS_TOTAL,
+    MISROUTED_EVENTS_TOTAL,
 )
 EXTRA_METRIC_NAMES: tuple[str, ...] = (STALLED_PARTITIONS,)
 METRIC_NAMES: tuple[str, ...] = DESIGN_METRIC_NAMES + EXTRA_METRIC_NAMES

@@ -22,6 +22,7 @@ from spr.metrics.names import (
     IDEMPOTENCY_HITS_TOTAL,
     IDEMPOTENCY_LOOKUPS_TOTAL,
     LATENCY_BUCKETS,
+    MISROUTED_EVENTS_TOTAL,
     OFFSET_GAP_EVENTS_TOTAL,
     OFFSET_GAPS_TOTAL,
     OUTCOMES,
@@ -181,6 +182,13 @@ class SprMetrics:
             "Events deleted by retention before being applied, skipped with the gaps.",
             registry=r,
         )
+        self.misrouted_events = Counter(
+            MISROUTED_EVENTS_TOTAL,
+            "Events on a partition their key does not map to (partition_for(key, n)), per "
+            "topic: a producer that does not route like spr.",
+            ["topic"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             CIRCUIT_STATE, "Circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r
         )
@@ -252,6 +260,9 @@ class MetricsPublisher:
         ):
             if delta:
                 counter.inc(delta)
+        for topic, events in stats.misrouted.items():
+            # A topic present with 0 is exposed at 0, so that rate() sees it from start.
+            m.misrouted_events.labels(topic=topic).inc(events)
         m.processor_latency.fold(stats.latency)
         m.flush_seconds.fold(stats.flush)
         m.paused_partitions.set(stats.paused_partitions)
