@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from psycopg import sql
 
@@ -177,3 +187,109 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 def applied_offsets_total(dsn: str, group: str, topics: Sequence[str]) -> int:
     return sum(stored_offsets(dsn, group, topics).values())
+
+
+def spr_transform_argv(
+    *,
+    topics: Sequence[str],
+    group: str,
+    output: str,
+    bootstrap: str,
+    extra: Sequence[str] = (),
+    kafka: Sequence[str] = FAST_GROUP,
+) -> list[str]:
+    """``spr transform`` from ``topics`` into ``output`` (the transform's own defaults
+    otherwise); ``extra`` adds flags such as ``--idle-exit`` or ``--transactional-id``."""
+    argv = [sys.executable, "-m", "spr", "transform", "--group", group, "--output-topic", output]
+    argv += ["--bootstrap", bootstrap]
+    for topic in topics:
+        argv += ["--topic", topic]
+    for item in kafka:
+        argv += ["-X", item]
+    return argv + list(extra)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One message read back from a topic."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+
+    def header(self, name: str) -> bytes | None:
+        """The value of header ``name``; AssertionError unless there is exactly one."""
+        values = [v for k, v in self.headers if k == name]
+        assert len(values) <= 1, f"[{self.partition}]@{self.offset}: {len(values)} {name} headers"
+        return values[0] if values else None
+
+
+def read_records(
+    bootstrap: str, topic: str, *, committed: bool = True, timeout_s: float = 60.0
+) -> list[Record]:
+    """Every message of ``topic`` from the start to its end, in (partition, offset) order,
+    as a ``read_committed`` consumer (``committed``) or a ``read_uncommitted`` one sees it.
+    The end is the last stable offset or the high watermark, taken before reading; a
+    partition is done when the consumer reports its end (past trailing control records)."""
+    isolation = IsolationLevel.READ_COMMITTED if committed else IsolationLevel.READ_UNCOMMITTED
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
+    futures = admin.list_offsets(
+        {TopicPartition(topic, p): OffsetSpec.latest() for p in partitions},
+        isolation_level=isolation,
+        request_timeout=10,
+    )
+    ends = {tp.partition: f.result(timeout=10).offset for tp, f in futures.items()}
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"read-{uuid.uuid4().hex[:10]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.queue.backoff.ms": 10,
+            "isolation.level": "read_committed" if committed else "read_uncommitted",
+        }
+    )
+    records: list[Record] = []
+    pending = {p for p, end in ends.items() if end > 0}
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(pending)])
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            assert time.monotonic() < deadline, f"{topic}: {sorted(pending)} not read to the end"
+            for m in consumer.consume(1000, 0.2):
+                error = m.error()
+                if error is not None:
+                    assert error.code() == KafkaError._PARTITION_EOF, f"{topic}: {error}"
+                    if m.offset() >= ends[m.partition()]:
+                        pending.discard(m.partition())
+                    continue
+                headers = tuple((k, v or b"") for k, v in m.headers() or ())
+                records.append(Record(m.partition(), m.offset(), m.key(), m.value(), headers))
+                if m.offset() + 1 >= ends[m.partition()]:
+                    pending.discard(m.partition())
+    finally:
+        consumer.close()
+    return sorted(records, key=lambda r: (r.partition, r.offset))
+
+
+def delete_topics(bootstrap: str, topics: Iterable[str]) -> None:
+    """Delete ``topics`` (cleanup: missing ones and failures are ignored)."""
+    names = list(dict.fromkeys(topics))  # a name twice would fail the whole request
+    if not names:
+        return
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_topics(names, operation_timeout=30).values():
+        with contextlib.suppress(Exception):
+            future.result(timeout=30)
+
+
+def drop_state(dsn: str, table: str, groups: Sequence[str]) -> None:
+    """Drop a test's state table and its groups' rows in spr_offsets (cleanup)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+        row = conn.execute("SELECT to_regclass('spr_offsets')").fetchone()
+        if row is not None and row[0] is not None:
+            conn.execute("DELETE FROM spr_offsets WHERE group_id = ANY(%s)", (list(groups),))

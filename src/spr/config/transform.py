@@ -28,6 +28,12 @@ PRODUCER_TRANSACTION_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         # Output records are placed by spr (partition_for), never by the partitioner.
         "partitioner": "murmur2_random",
         "message.max.bytes": str(11 * 1024 * 1024),
+        # librdkafka (2.16) "re-bootstraps" a client that lost every broker, as in a
+        # broker restart, and forgets the brokers it knew; a transactional producer whose
+        # cached group coordinator was forgotten then blocks in
+        # send_offsets_to_transaction for good (librdkafka issues #5511 and #5456;
+        # measured here at every broker restart). Reconnect to the known brokers instead.
+        "metadata.recovery.strategy": "none",
     }
 )
 

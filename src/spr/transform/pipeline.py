@@ -265,7 +265,8 @@ class TransformPipeline:
                 # generation is refused (the zombie fencing of KIP-447).
                 metadata = self.consumer.consumer_group_metadata()
                 cap_s = self.config.transaction_timeout_ms / 1000.0
-                self._retrying(
+                _retrying(
+                    self.clock,
                     deadline,
                     lambda left: _bounded(
                         "send_offsets_to_transaction",
@@ -273,7 +274,7 @@ class TransformPipeline:
                         min(left, cap_s) + _STUCK_GRACE_S,
                     ),
                 )
-            self._retrying(deadline, self.producer.commit_transaction)
+            _retrying(self.clock, deadline, self.producer.commit_transaction)
         except Exception as exc:
             error = _kafka_error_of(exc)
             if error is not None and error.txn_requires_abort() and not error.fatal():
@@ -293,27 +294,13 @@ class TransformPipeline:
             listener(records)
         return True
 
-    def _retrying(self, deadline: float, call: Callable[[float], Any]) -> None:
-        """``call(seconds left)`` again after a retriable Kafka error (a broker restart
-        gives ``_TRANSPORT``), until ``deadline``; anything else is raised."""
-        while True:
-            try:
-                call(max(1.0, deadline - self.clock.monotonic()))
-                return
-            except Exception as exc:
-                error = _kafka_error_of(exc)
-                if error is None or not error.retriable() or self.clock.monotonic() > deadline:
-                    raise
-                log.debug("retrying a retriable transaction error: %s", first_line(exc))
-                time.sleep(_RETRY_PAUSE_S)
-
     def abort(self) -> None:
         """Abort the open transaction and rewind every owned partition to its committed
         offset; the ring forgets what it saw since (it is read again)."""
         if self.in_transaction:
             deadline = self.clock.monotonic() + self.config.commit_timeout_s
             try:
-                self._retrying(deadline, self.producer.abort_transaction)
+                _retrying(self.clock, deadline, self.producer.abort_transaction)
             except Exception as exc:
                 self.failure.fail(_transaction_error("abort a transaction", exc, self.config))
                 return
@@ -487,6 +474,21 @@ class TransformPipeline:
         for key in keys:
             self.committed.pop(key, None)
             self.pending.pop(key, None)
+
+
+def _retrying(clock: Clock, deadline: float, call: Callable[[float], Any]) -> None:
+    """``call(seconds left)`` again after a retriable Kafka error (a broker restart
+    gives ``_TRANSPORT``), until ``deadline``; anything else is raised."""
+    while True:
+        try:
+            call(max(1.0, deadline - clock.monotonic()))
+            return
+        except Exception as exc:
+            error = _kafka_error_of(exc)
+            if error is None or not error.retriable() or clock.monotonic() > deadline:
+                raise
+            log.debug("retrying a retriable transaction error: %s", first_line(exc))
+            time.sleep(_RETRY_PAUSE_S)
 
 
 def _bounded(what: str, call: Callable[[], None], limit_s: float) -> None:

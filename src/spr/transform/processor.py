@@ -28,13 +28,6 @@ log = logging.getLogger("spr.transform")
 
 ClientFactory = Callable[[dict[str, Any]], Any]
 
-# librdkafka (2.16) "re-bootstraps" a client that lost every broker, as in a broker
-# restart, and decommissions the brokers it knew; a transactional producer whose cached
-# group coordinator was decommissioned then blocks in send_offsets_to_transaction forever
-# (librdkafka issues #5511, #5456: measured here, every time the broker restarted). The
-# transform's producer reconnects to the brokers it knows instead.
-_PRODUCER_EXTRA = {"metadata.recovery.strategy": "none"}
-
 
 class Transformer:
     """Runs one transform worker. :meth:`run` blocks and returns the final
@@ -77,7 +70,7 @@ class Transformer:
         admin.check_reachable()
         admin.partitions(config.topics)  # ConfigError naming a missing source topic
         partitions = self._output_partitions(admin)
-        producer = self._producer_factory({**_PRODUCER_EXTRA, **config.producer_config()})
+        producer = self._producer_factory(config.producer_config())
         consumer = self._consumer_factory(config.consumer_config())
         dead_letters = None
         if config.dead_letters:
