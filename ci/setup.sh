@@ -15,6 +15,12 @@ command -v pg_config >/dev/null || need+=(libpq-dev)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v runuser >/dev/null || need+=(util-linux)
 command -v promtool >/dev/null || need+=(prometheus)
+# The interop tests build a sarama producer: Go >= 1.21 fetches the toolchain go.mod
+# asks for from the Go module proxy. /usr/local/go is where the official archive goes.
+# (Debian 12's golang-go is 1.19, too old to fetch one.)
+if ! command -v go >/dev/null && [ ! -x /usr/local/go/bin/go ]; then
+  echo "ci/setup: Go >= 1.21 is not installed; the interop tests need it (https://go.dev/dl, into /usr/local/go)" >&2
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "ci/setup: installing Debian packages: ${need[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,134 @@ def test_quix_contender(bootstrap: str, dsn: str) -> None:
     assert check["missing"] == 0 and check["duplicated"] == 0 and check["wrong"] == 0
     assert document["contenders"]["spr"]["status"] == "ok"
     assert document["ratios"]["quix"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_transform_scenario_verifies_and_reports(tmp_path: Path, bootstrap: str) -> None:
+    """The transform scenario end to end, without Quix: the ceiling and spr transform each
+    move every foreign event, spr's output verifies, and the report has every figure."""
+    out = tmp_path / "transform.json"
+    argv = [sys.executable, "-m", "spr", "bench", "--scenario", "transform", "--events",
+            "20000", "--entities", "3000", "--skip-quix", "--latency-rate", "2000",
+            "--latency-seconds", "2", "--bootstrap", bootstrap, "--json", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=290)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "PASSED" in done.stdout and "spr / consume_produce events/s" in done.stdout
+
+    document = json.loads(out.read_text())
+    assert document["ok"] is True and document["options"]["scenario"] == "transform"
+    assert "contenders" not in document  # the state scenario did not run
+    section = document["transform"]
+    assert section["ok"] is True
+    assert section["workload"]["events"] == 20_000
+    assert set(section["workload"]["shapes"]) == {"order", "payment", "shipment", "invoice"}
+    contenders = section["contenders"]
+    assert list(contenders) == ["consume_produce", "spr", "quix"]
+    assert contenders["quix"] == {"status": "skipped", "reason": "--skip"}
+    for name in ("consume_produce", "spr"):
+        entry = contenders[name]
+        assert entry["status"] == "ok", (name, entry)
+        assert _number(entry["events_per_s"]) and entry["events_per_s"] > 0
+        assert 10 < entry["peak_rss_mb"] < 1000
+        check = entry["verification"]
+        assert check["ok"] and check["records"] == check["expected"] == 20_000, check
+        latency = entry["latency"]
+        assert latency["status"] == "ok" and latency["count"] == 4_000, (name, latency)
+        assert latency["verification"]["ok"], (name, latency["verification"])
+        assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    spr = contenders["spr"]
+    # Every event exactly once, re-keyed to spr's partition key, on partition_for(key, n).
+    check = spr["verification"]
+    assert (check["missing"], check["duplicated"], check["wrong_key"]) == (0, 0, 0)
+    assert (check["wrong_partition"], check["out_of_order"]) == (0, 0)
+    assert spr["stats"]["produced"] == spr["stats"]["consumed"] == 20_000
+    assert spr["stats"]["transactions"] >= 1 and spr["stats"]["aborts"] == 0
+    ratios = section["ratios"]
+    assert ratios["spr_vs_quix"] is None
+    ceiling = contenders["consume_produce"]
+    if spr.get("too_short") or ceiling.get("too_short"):  # under 0.5 s: no ratio
+        assert ratios["spr_vs_consume_produce"] is None
+    else:
+        assert ratios["spr_vs_consume_produce"] == pytest.approx(
+            spr["events_per_s"] / ceiling["events_per_s"], rel=1e-2
+        )
+    assert [t["name"] for t in section["targets"]] == [
+        "spr / consume_produce events/s", "spr / quix events/s", "spr peak RSS MB"
+    ]  # fmt: skip
+    assert section["targets"][2]["value"] == spr["peak_rss_mb"]
+    assert section["workload"]["topic"] not in _topics(bootstrap)
+
+
+@pytest.mark.timeout(700)
+def test_transform_scenario_quix_contender(bootstrap: str, dsn: str) -> None:
+    """Quix Streams' exactly-once mode does the same normalisation from its own venv: its
+    output is read back like spr's and must hold every event once, on spr's partition."""
+    options = BenchOptions(
+        bootstrap=bootstrap,
+        dsn=dsn,
+        events=4_000,
+        entities=600,
+        scenario="transform",
+        skip=frozenset({"ceilings", "latency"}),
+        quix_build_timeout_s=600,
+    )
+    document = run_bench(options)
+    section = document["transform"]
+    quix = section["contenders"]["quix"]
+    assert quix["status"] == "ok", quix
+    assert quix["events_per_s"] > 0 and quix["peak_rss_mb"] > 10
+    assert "quixstreams 3." in quix["note"] and "exactly-once" in quix["note"]
+    assert quix["verification"]["ok"], quix["verification"]
+    assert section["contenders"]["spr"]["status"] == "ok"
+    assert section["contenders"]["consume_produce"]["status"] == "skipped"
+    spr = section["contenders"]["spr"]
+    if spr.get("too_short") or quix.get("too_short"):  # under 0.5 s: no ratio
+        assert section["ratios"]["spr_vs_quix"] is None
+    else:
+        assert section["ratios"]["spr_vs_quix"] > 0
+    assert document["ok"] is True
+
+
+def test_output_check_finds_every_kind_of_violation(
+    bootstrap: str, make_topic: Callable[..., str]
+) -> None:
+    """verify_output is what fails spr's run: a hand-made output with one event missing,
+    one twice, one keyed wrong, one on the wrong partition and one out of order."""
+    from confluent_kafka import Producer
+
+    from spr.bench.foreign import ForeignSpec, produce_foreign, verify_output
+
+    source, output = make_topic(4), make_topic(4)
+    produced = produce_foreign(ForeignSpec(count=300, entities=5, seed=9), topic=source,
+                               bootstrap=bootstrap, partitions=4)  # fmt: skip
+    expected = produced.expected
+    keys, placement = expected.spr_routing()
+    entity_of = expected.entity_of
+    values = [v for _, _, v in _generate(300, 5, 9)]
+    records = [(ref, keys[entity_of[ref]], placement[entity_of[ref]]) for ref in range(300)]
+    records.remove(records[10])  # missing
+    records.append(records[20])  # duplicated
+    records[30] = (records[30][0], b"0000000000000000", records[30][2])  # wrong key
+    records[40] = (records[40][0], records[40][1], (records[40][2] + 1) % 4)  # wrong partition
+    later = next(r for r in records[51:] if entity_of[r[0]] == entity_of[records[50][0]])
+    records.remove(later)
+    records.insert(50, later)  # one of the entity's events ahead of an earlier one
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for ref, key, partition in records:
+        producer.produce(output, values[ref], key, partition=partition)
+    assert producer.flush(30) == 0
+    check = verify_output(bootstrap=bootstrap, topic=output, partitions=4, expected=expected,
+                          keys=keys, placement=placement, timeout_s=60)  # fmt: skip
+    assert check["ok"] is False
+    assert (check["missing"], check["duplicated"], check["wrong_key"]) == (1, 1, 1)
+    assert check["wrong_partition"] == 1 and check["out_of_order"] >= 1
+    assert check["records"] == 300 and check["unread_partitions"] == []
+
+
+def _generate(count: int, entities: int, seed: int) -> list[tuple[int, bytes, bytes]]:
+    from spr.bench.foreign import ForeignSpec, generate
+
+    return list(generate(ForeignSpec(count=count, entities=entities, seed=seed)))
 
 
 def _topics(bootstrap: str) -> set[str]:

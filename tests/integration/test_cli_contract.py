@@ -264,6 +264,11 @@ ROWS: dict[str, list[Row]] = {
         row("bench --events 1000 --json /nonexistent/dir/bench.json",
             "the directory /nonexistent/dir does not exist", "workspace"),
         row("bench --events many", "invalid int value: 'many'", "workspace", usage=True),
+        row("bench --scenario bogus", "invalid choice: 'bogus'", "workspace", usage=True),
+        row("bench --scenario transform --events 1000 --bootstrap 127.0.0.1:1", UNREACHABLE,
+            "workspace"),
+        row("bench --scenario transform --events 1000 --plot /tmp/spr-contract.png",
+            "the transform scenario has no picture", "workspace"),
     ],
 }  # fmt: skip
 

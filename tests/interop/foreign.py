@@ -155,6 +155,8 @@ def librdkafka_partition(key: bytes, num_partitions: int) -> int:
 
 def _tool(name: str, hint: str) -> str:
     path = shutil.which(name)
+    if path is None and name == "go" and os.access("/usr/local/go/bin/go", os.X_OK):
+        path = "/usr/local/go/bin/go"  # the official archive's place, often not on PATH
     if path is None:
         raise ToolError(f"'{name}' is not on PATH; {hint}")
     return path

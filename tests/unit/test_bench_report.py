@@ -183,3 +183,111 @@ def test_bench_options_are_validated() -> None:
     assert options.skips("raw_consume") and options.skips("copy_merge")
     assert not options.skips("spr")
     assert BenchOptions(bootstrap="b", dsn="d", batch_max_rows=7).batch == {"max_rows": 7}
+
+
+# -- the transform scenario -------------------------------------------------------------
+
+
+def test_visible_at_is_the_first_sample_with_every_partition_at_its_end() -> None:
+    samples = [
+        (1.0, {0: 0, 1: 0}),
+        (1.1, {0: 5, 1: 2}),
+        (1.2, {0: 9, 1: 3}),  # partition 1 at its end, partition 0 not yet
+        (1.3, {0: 10, 1: 3}),
+        (1.4, {0: 10, 1: 3}),
+    ]
+    assert report.visible_at(samples, {0: 10, 1: 3}) == 1.3
+    assert report.visible_at(samples, {0: 11, 1: 3}) is None
+    # A partition missing from a sample (a failed poll) is not at its end.
+    assert report.visible_at([(2.0, {0: 10})], {0: 10, 1: 3}) is None
+
+
+def test_visibility_latency_is_seen_time_minus_append_time() -> None:
+    append_ms = [1000, 1002, -1, 1010]
+    values = report.visibility_latencies_ms(
+        [0, 1, 2, 3, 7], [1.05, 1.05, 1.05, 1.2, 1.3], append_ms
+    )
+    # ref 2 has no append time and ref 7 is unknown: both left out.
+    assert [round(v, 6) for v in values] == [50.0, 48.0, 190.0]
+
+
+def test_transform_ratios_and_targets() -> None:
+    ratios = report.transform_ratios({"spr": 120_000.0, "consume_produce": 200_000.0, "quix": None})
+    assert ratios == {"spr_vs_consume_produce": 0.6, "spr_vs_quix": None}
+    targets = report.transform_targets(ratios, {"peak_rss_mb": 230.0})
+    assert [(t["value"], t["met"]) for t in targets] == [(0.6, True), (None, None), (230.0, False)]
+    assert [t["target"] for t in targets] == [">= 0.5", ">= 3", "<= 200"]
+
+
+def test_format_report_shows_the_transform_section() -> None:
+    verified = {"ok": True}
+    document = {
+        "transform": {
+            "workload": {"events": 1000, "entities": 10, "partitions": 3,
+                         "shapes": {"order": "no sequence"}, "source_key": "entity id"},
+            "latency": {"rate": 500.0, "seconds": 2.0, "measured": "append -> visible"},
+            "contenders": {
+                "consume_produce": {"status": "ok", "events_per_s": 400_000.0,
+                                    "peak_rss_mb": 60.0, "verification": verified,
+                                    "latency": {"status": "ok", "p50_ms": 8.0, "p99_ms": 30.0,
+                                                "max_ms": 41.0}},
+                "spr": {"status": "failed", "events_per_s": 150_000.0, "peak_rss_mb": 120.0,
+                        "reason": "1 missing", "verification": {"ok": False}},
+                "quix": {"status": "skipped", "reason": "--skip"},
+            },
+            "ratios": {"spr_vs_consume_produce": 0.375, "spr_vs_quix": None},
+            "targets": report.transform_targets(
+                {"spr_vs_consume_produce": 0.375, "spr_vs_quix": None}, {"peak_rss_mb": 120.0}
+            ),
+            "ok": False,
+        },
+        "ok": False,
+    }  # fmt: skip
+    text = report.format_report(document)
+    lines = text.splitlines()
+    assert lines[0].startswith("spr bench transform: 1,000 foreign-shaped events")
+    row = next(line for line in lines if line.startswith("consume_produce"))
+    assert row.split()[1:7] == ["ok", "400,000", "8", "30", "41", "60"]
+    spr = next(line for line in lines if line.split()[:2] == ["spr", "failed"])
+    assert spr.endswith("FAILED") and "└ 1 missing" in text
+    assert "spr / consume_produce events/s: 0.38 (target >= 0.5: MISSED)" in text
+    assert "spr / quix events/s: - (target >= 3: not measured)" in text
+    assert "spr peak RSS MB: 120.00 (target <= 200: met)" in text
+    assert text.rstrip().endswith("FAILED")
+
+
+def test_bench_options_scenarios() -> None:
+    options = BenchOptions(bootstrap="b", dsn="d", scenario="transform",
+                           skip=frozenset({"ceilings"}))  # fmt: skip
+    assert options.runs_transform and not options.runs_state
+    assert options.skips("consume_produce") and not options.skips("quix")
+    both = BenchOptions(bootstrap="b", dsn="d", scenario="all")
+    assert both.runs_state and both.runs_transform
+    assert BenchOptions(bootstrap="b", dsn="d").scenario == "state"
+    with pytest.raises(ConfigError, match="scenario"):
+        BenchOptions(bootstrap="b", dsn="d", scenario="routing")
+
+
+def test_foreign_events_decode_to_the_canonical_event_of_their_entity() -> None:
+    from spr.bench.foreign import SHAPES, ForeignSpec, generate, ref_of
+    from spr.decode import decode_event
+
+    spec = ForeignSpec(count=400, entities=20, seed=3)
+    events = list(generate(spec))
+    assert events == list(generate(spec))  # deterministic
+    sequences: dict[int, int] = {}
+    for ref, (entity, key, value) in enumerate(events):
+        assert key == f"{entity:08d}".encode()  # not spr's partition key
+        assert ref_of(value) == ref and 150 <= len(value) <= 260
+        event = decode_event(value, offset=10_000 + ref, timestamp_ms=0)
+        entity_type, _, sequenced = SHAPES[entity % len(SHAPES)]
+        assert (event.entity_type, event.entity_id) == (entity_type, f"{entity:08d}")
+        if sequenced:
+            # Each entity's own sequence counts up from 1 in the order it was produced.
+            sequences[entity] = sequences.get(entity, 0) + 1
+            assert event.sequence == sequences[entity]
+        else:
+            assert event.sequence == 10_000 + ref  # no sequence: the source offset
+            assert event.event_id == f"{entity_type}:{entity:08d}:{10_000 + ref}"
+    shapes = {value[:12] for _, _, value in events}
+    assert len(shapes) == len(SHAPES)

@@ -111,6 +111,8 @@ def rekey(messages, IdempotencyRing ring not None, SourceTable sources, source_n
     cdef uint64_t h, earlier, run_source = 0  # 0: not known yet in this run
     cdef object run_name = None
     cdef tuple run_topic_header = None, run_partition_header = None
+    cdef tuple record
+    cdef list headers
     if not 1 <= output_partitions <= _INT32_MAX:
         raise ValueError(
             f"output_partitions must be between 1 and 2**31-1, got {output_partitions}"
@@ -204,20 +206,27 @@ def rekey(messages, IdempotencyRing ring not None, SourceTable sources, source_n
                 run_topic_header = _header("spr-source-topic", run_topic_obj.encode())
                 run_partition_header = _header("spr-source-partition",
                                                str(partition).encode())
-            records.append((
+            headers = [
+                _header("idempotency-key", PyBytes_FromStringAndSize(key, size)),
+                _SCHEMA_HEADER,
+                run_topic_header,
+                run_partition_header,
+                _header("spr-source-offset",
+                        PyBytes_FromStringAndSize(digits, spr_put_decimal(digits, offset))),
+            ]
+            record = (
                 PyBytes_FromStringAndSize(partition_key, 16),
                 _canonical_output(f, key, size, sequence, value),
                 (<uint32_t>spr_murmur2(<const uint8_t *>partition_key, 16) & 0x7FFFFFFF)
                 % <uint32_t>outputs,
-                [
-                    _header("idempotency-key", PyBytes_FromStringAndSize(key, size)),
-                    _SCHEMA_HEADER,
-                    run_topic_header,
-                    run_partition_header,
-                    _header("spr-source-offset",
-                            PyBytes_FromStringAndSize(digits, spr_put_decimal(digits, offset))),
-                ],
-            ))
+                headers,
+            )
+            # Neither holds anything that could refer back to it (bytes, an int and
+            # untracked header pairs) and the caller only reads them: untracked, a
+            # batch of records is no work for the collector.
+            PyObject_GC_UnTrack(<void *>headers)
+            PyObject_GC_UnTrack(<void *>record)
+            records.append(record)
     finally:
         if key is not stack:
             PyMem_Free(key)

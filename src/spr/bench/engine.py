@@ -16,10 +16,10 @@ from typing import Any
 
 from spr.bench.recorder import Recorder
 
-__all__ = ["run_spr"]
+__all__ = ["TimedConsumer", "run_spr"]
 
 
-class _TimedConsumer:
+class TimedConsumer:
     """Delegates to a confluent_kafka Consumer; notes the first message and assignment."""
 
     def __init__(self, consumer: Any, on_first: Callable[[], None], ready: Path | None) -> None:
@@ -96,7 +96,7 @@ def run_spr(
     def consumer_factory(conf: dict[str, Any]) -> Any:
         from spr.kafka.clients import consumer
 
-        return _TimedConsumer(consumer(conf), recorder.first, ready)
+        return TimedConsumer(consumer(conf), recorder.first, ready)
 
     def sink_factory() -> PostgresSink:
         return RecordingSink.from_config(config)

@@ -5,13 +5,16 @@
 or the Quix venv's python) with its own consumer group and its own fresh table, one
 after the other, so that they never compete for the 2 cores. Everything the bench
 creates (topics, tables, consumer groups, temporary files) is removed at the end,
-unless ``keep`` is set.
+unless ``keep`` is set. ``--scenario transform`` runs :mod:`spr.bench.transform`
+(spr transform against its ceiling and Quix's exactly-once mode) in the same workspace,
+into the document's ``transform`` section.
 
 Measurement rules, the same for every contender:
 
 * events/s = events / (time the last of them was durable - time the first was received):
   start-up and group joins are excluded, the final commit is included;
-* peak RSS = the contender process's own ``ru_maxrss`` (read by itself at exit); the
+* peak RSS = the contender process's own peak (``VmHWM``, read by itself at exit; not
+  ``ru_maxrss``, which a child inherits from the harness at exec); the
   harness also samples RSS every 0.2 s as a cross-check (``rss_sampled_mb``);
 * latency (``--rate`` / the latency phase) = database commit time (wall clock, taken by
   spr's flush thread right after COMMIT returns) - broker timestamp of the event (the
@@ -214,15 +217,7 @@ def _collect_spr(
 def _ensure_quix(ws: Workspace) -> tuple[Path | None, str]:
     from spr.bench import quix
 
-    try:
-        started = time.monotonic()
-        python = quix.ensure_venv(timeout_s=ws.options.quix_build_timeout_s)
-        took = time.monotonic() - started
-        if took > 1.0:
-            ws.progress(f"built the Quix Streams venv in {took:.0f} s ({python.parent.parent})")
-        return python, ""
-    except quix.VenvUnavailable as exc:
-        return None, f"Quix Streams could not be installed: {exc}"
+    return quix.prepare(ws.options.quix_build_timeout_s, ws.progress)
 
 
 def _run_quix(
@@ -360,23 +355,30 @@ def run_bench(
             "workers": options.workers,
             "batch": options.batch or "engine defaults",
             "skip": sorted(options.skip),
+            "scenario": options.scenario,
         },
     }
     try:
-        if not options.latency_only:
+        if options.runs_state and not options.latency_only:
             _compare(ws, document, series)
-        if options.latency_only or not options.skips("latency"):
+        if options.runs_state and (options.latency_only or not options.skips("latency")):
             latency, values, timeline = _latency_phase(
                 ws, options.latency_rate, options.latency_seconds
             )
             document["latency"] = latency
             series["latency_ms"] = values
             series["latency_timeline"] = timeline
+        if options.runs_transform:
+            from spr.bench.transform import run_transform_scenario
+
+            document["transform"] = run_transform_scenario(ws)
     finally:
         ws.cleanup()
-    spr_ok = options.latency_only or document["contenders"]["spr"]["status"] == "ok"
+    spr_ok = options.latency_only or "contenders" not in document
+    spr_ok = spr_ok or document["contenders"]["spr"]["status"] == "ok"
     latency_ok = "latency" not in document or document["latency"]["status"] == "ok"
-    document["ok"] = spr_ok and latency_ok
+    transform_ok = "transform" not in document or document["transform"]["ok"]
+    document["ok"] = spr_ok and latency_ok and transform_ok
     document["elapsed_s"] = round(time.time() - started, 1)
     return document
 

@@ -8,12 +8,25 @@ from typing import Any
 
 from spr.errors import ConfigError
 
-__all__ = ["CONTENDERS", "SKIPPABLE", "BenchOptions", "Progress"]
+__all__ = ["CONTENDERS", "SCENARIOS", "SKIPPABLE", "BenchOptions", "Progress"]
 
 #: Contenders in the order they run and appear in the report.
 CONTENDERS = ("raw_consume", "spr", "copy_merge", "arroyo", "quix", "antipattern")
-#: Names accepted by ``--skip`` (``ceilings`` means both ceilings).
-SKIPPABLE = ("raw_consume", "copy_merge", "ceilings", "arroyo", "quix", "antipattern", "latency")
+#: Names accepted by ``--skip`` (``ceilings`` means every ceiling, ``quix`` and
+#: ``latency`` apply to both scenarios).
+SKIPPABLE = (
+    "raw_consume",
+    "copy_merge",
+    "consume_produce",
+    "ceilings",
+    "arroyo",
+    "quix",
+    "antipattern",
+    "latency",
+)
+#: ``state``: spr run against the alternatives (the default); ``transform``: spr
+#: transform against its ceiling and Quix's exactly-once mode; ``all``: both.
+SCENARIOS = ("state", "transform", "all")
 
 Progress = Callable[[str], None]
 
@@ -24,7 +37,8 @@ class BenchOptions:
 
     ``latency_only`` runs just the latency mode at ``latency_rate`` events/s for
     ``latency_seconds`` (``spr bench --rate R``); otherwise the full comparison runs,
-    followed by the latency phase unless ``"latency"`` is in ``skip``.
+    followed by the latency phase unless ``"latency"`` is in ``skip``. ``scenario``
+    chooses what is compared (:data:`SCENARIOS`).
     """
 
     bootstrap: str
@@ -47,6 +61,7 @@ class BenchOptions:
     keep: bool = False
     contender_timeout_s: float | None = None
     quix_build_timeout_s: float = 600.0
+    scenario: str = "state"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,6 +76,10 @@ class BenchOptions:
             raise ConfigError(
                 f"cannot skip {', '.join(sorted(unknown))}; choose from {', '.join(SKIPPABLE)}"
             )
+        if self.scenario not in SCENARIOS:
+            raise ConfigError(
+                f"unknown scenario {self.scenario!r}; choose from {', '.join(SCENARIOS)}"
+            )
         for name in ("batch_max_rows", "batch_max_age_ms"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -69,7 +88,15 @@ class BenchOptions:
     def skips(self, name: str) -> bool:
         if name in self.skip:
             return True
-        return name in ("raw_consume", "copy_merge") and "ceilings" in self.skip
+        return name in ("raw_consume", "copy_merge", "consume_produce") and "ceilings" in self.skip
+
+    @property
+    def runs_state(self) -> bool:
+        return self.scenario in ("state", "all")
+
+    @property
+    def runs_transform(self) -> bool:
+        return self.scenario in ("transform", "all")
 
     @property
     def batch(self) -> dict[str, int]:

@@ -17,9 +17,17 @@ import fcntl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["QUIX_REQUIREMENT", "SCRIPT", "VenvUnavailable", "ensure_venv", "venv_dir"]
+__all__ = [
+    "QUIX_REQUIREMENT",
+    "SCRIPT",
+    "VenvUnavailable",
+    "ensure_venv",
+    "prepare",
+    "venv_dir",
+]
 
 #: The exact release measured; bump it on purpose (the venv is rebuilt when it changes).
 QUIX_REQUIREMENT = "quixstreams[postgresql]==3.28.1"
@@ -72,6 +80,19 @@ def ensure_venv(*, timeout_s: float = 600.0) -> Path:
                 )
         marker.write_text(QUIX_REQUIREMENT)
         return python
+
+
+def prepare(timeout_s: float, progress: Callable[[str], None]) -> tuple[Path | None, str]:
+    """(the venv's python, "") or (None, why it could not be built); says when it built."""
+    try:
+        started = time.monotonic()
+        python = ensure_venv(timeout_s=timeout_s)
+        took = time.monotonic() - started
+        if took > 1.0:
+            progress(f"built the Quix Streams venv in {took:.0f} s ({python.parent.parent})")
+        return python, ""
+    except VenvUnavailable as exc:
+        return None, f"Quix Streams could not be installed: {exc}"
 
 
 #: Runs in the Quix venv: ``python SCRIPT ARGS.json OUT.json``. Self-contained (no spr).
@@ -130,6 +151,12 @@ except BaseException as exc:
     result = {"error": f"{type(exc).__name__}: {exc}"}
     code = 1
 result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+try:  # this program's own peak: ru_maxrss also counts the parent's, inherited at exec
+    with open("/proc/self/status") as f:
+        result["peak_rss_bytes"] = next(
+            int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+except (OSError, StopIteration, ValueError):
+    pass
 with open(out + ".tmp", "w") as f:
     json.dump(result, f)
 os.replace(out + ".tmp", out)

@@ -12,7 +12,20 @@ __all__ = ["Recorder", "peak_rss_bytes"]
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
+    """This process's own peak resident set size.
+
+    On Linux that is ``VmHWM`` of ``/proc/self/status``, the high-water mark of this
+    program's memory, which starts afresh at ``exec``. ``ru_maxrss`` does not: a child
+    started by ``subprocess`` (vfork + exec) inherits its parent's peak, so every
+    contender would report at least the harness's RSS. Elsewhere, ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) * (1 if sys.platform == "darwin" else 1024)
 

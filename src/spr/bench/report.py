@@ -37,7 +37,11 @@ __all__ = [
     "rate_series",
     "ratios",
     "throughput",
+    "transform_ratios",
+    "transform_targets",
     "units_within",
+    "visibility_latencies_ms",
+    "visible_at",
 ]
 
 # (commit wall time in s, {partition: next offset}) as written by the spr worker.
@@ -195,6 +199,113 @@ def ratios(rates: Mapping[str, float | None], reference: str = "spr") -> dict[st
     return result
 
 
+def visible_at(
+    samples: Sequence[tuple[float, Mapping[int, int]]], final: Mapping[int, int]
+) -> float | None:
+    """The time of the first sample of ``read_committed`` end offsets in which every
+    partition has reached ``final``; None when none did."""
+    for t, offsets in samples:
+        if all(offsets.get(p, 0) >= end for p, end in final.items()):
+            return t
+    return None
+
+
+def visibility_latencies_ms(
+    refs: Sequence[int], seen_s: Sequence[float], append_ms: Sequence[int]
+) -> list[float]:
+    """Per output record: the wall time it was seen (s) - its source record's broker
+    append time (``append_ms[ref]``, ms), in ms. Refs without an append time (-1) or
+    out of range are left out."""
+    result: list[float] = []
+    known = len(append_ms)
+    for ref, seen in zip(refs, seen_s, strict=True):
+        if 0 <= ref < known and append_ms[ref] >= 0:
+            result.append(seen * 1000.0 - append_ms[ref])
+    return result
+
+
+#: The transform scenario's targets (issue 14): (name, compared, operator, bound).
+TRANSFORM_TARGETS: tuple[tuple[str, str, str, float], ...] = (
+    ("spr / consume_produce events/s", "spr_vs_consume_produce", ">=", 0.5),
+    ("spr / quix events/s", "spr_vs_quix", ">=", 3.0),
+    ("spr peak RSS MB", "spr_peak_rss_mb", "<=", 200.0),
+)
+
+
+def transform_ratios(rates: Mapping[str, float | None]) -> dict[str, float | None]:
+    """spr transform's events/s over the ceiling's and over Quix's."""
+    mine = rates.get("spr")
+    return {
+        f"spr_vs_{name}": round(mine / rate, 3) if mine and rate else None
+        for name in ("consume_produce", "quix")
+        for rate in [rates.get(name)]
+    }
+
+
+def transform_targets(
+    ratios: Mapping[str, float | None], spr: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Each target with its value and whether it was met (None: not measured)."""
+    values = {**ratios, "spr_peak_rss_mb": spr.get("peak_rss_mb")}
+    targets = []
+    for name, key, op, bound in TRANSFORM_TARGETS:
+        value = values.get(key)
+        met = None if value is None else value >= bound if op == ">=" else value <= bound
+        targets.append({"name": name, "value": value, "target": f"{op} {bound:g}", "met": met})
+    return targets
+
+
+def _transform_lines(section: Mapping[str, Any]) -> list[str]:
+    workload = section.get("workload", {})
+    latency = section.get("latency", {})
+    lines = [""]
+    if workload:
+        lines.append(
+            f"spr bench transform: {workload.get('events', 0):,} foreign-shaped events "
+            f"({', '.join(workload.get('shapes', {}))}; keyed by {workload.get('source_key')}), "
+            f"{workload.get('entities', 0):,} entities, {workload.get('partitions', 0)} partitions"
+        )
+    if latency:
+        lines.append(
+            f"latency at {latency.get('rate', 0):,.0f} events/s for {latency.get('seconds')} s: "
+            f"{latency.get('measured')}"
+        )
+    lines += [
+        "",
+        f"{'contender':<17}{'status':<10}{'events/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'max ms':>9}{'peak RSS MB':>13}  verification",
+    ]
+    for name, c in section.get("contenders", {}).items():
+        rate = c.get("events_per_s")
+        shown = "too short" if c.get("too_short") else "-" if rate is None else f"{rate:,.0f}"
+        lat = c.get("latency") or {}
+        check = c.get("verification")
+        verdict = "-" if check is None else "ok" if check.get("ok") else "FAILED"
+        if lat and lat.get("status") not in (None, "ok"):
+            verdict += f"; latency phase {lat['status']}"
+
+        def ms(key: str, lat: Mapping[str, Any] = lat) -> str:
+            value = lat.get(key)
+            return "-" if value is None else f"{value:,.0f}"
+
+        lines.append(
+            f"{name:<17}{c.get('status', '?'):<10}{shown:>11}{ms('p50_ms'):>9}{ms('p99_ms'):>9}"
+            f"{ms('max_ms'):>9}{_mb(c.get('peak_rss_mb')):>13}  {verdict}"
+        )
+        if c.get("status") != "ok" and c.get("reason"):
+            lines.append(f"{'':<17}└ {c['reason']}")
+    targets = section.get("targets", [])
+    if targets:
+        lines.append("")
+    for target in targets:
+        value = target.get("value")
+        met = target.get("met")
+        verdict = "not measured" if met is None else "met" if met else "MISSED"
+        shown = "-" if value is None else f"{value:,.2f}"
+        lines.append(f"{target['name']}: {shown} (target {target['target']}: {verdict})")
+    return lines
+
+
 def _mb(value: Any) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
@@ -269,5 +380,8 @@ def format_report(document: Mapping[str, Any]) -> str:
             f"max {latency.get('max_ms')} ms"
             + ("" if latency.get("verification", {}).get("ok", True) else "  VERIFICATION FAILED"),
         ]
+    transform = document.get("transform")
+    if transform:
+        lines += _transform_lines(transform)[0 if lines else 1 :]
     lines += ["", "PASSED" if document.get("ok") else "FAILED"]
     return "\n".join(lines)

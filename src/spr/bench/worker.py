@@ -1,6 +1,6 @@
 """The process each bench contender runs in: ``python -m spr.bench.worker KIND ARGS OUT``.
 
-Every contender gets a process of its own, so that its peak RSS (``ru_maxrss``, read by
+Every contender gets a process of its own, so that its peak RSS (``VmHWM``, read by
 the process itself when it is done) is its own and not the harness's. ``ARGS`` is a
 JSON file of keyword arguments; ``OUT`` receives a JSON result with at least
 ``first_s`` (wall time of the first message received), ``timeline`` (see
@@ -8,7 +8,9 @@ JSON file of keyword arguments; ``OUT`` receives a JSON result with at least
 exits 1.
 
 ``KIND`` names the contender: ``spr`` (:mod:`spr.bench.engine`, the real engine),
-``raw`` and ``copy_merge`` (:mod:`spr.bench.ceilings`), ``antipattern`` and ``arroyo``.
+``raw`` and ``copy_merge`` (:mod:`spr.bench.ceilings`), ``antipattern`` and ``arroyo``;
+for the transform scenario ``transform``, ``consume_produce`` and ``observe``
+(:mod:`spr.bench.relay`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ __all__ = ["main"]
 
 
 def _runners() -> dict[str, Callable[..., dict[str, Any]]]:
-    from spr.bench import antipattern, arroyo, ceilings, engine
+    from spr.bench import antipattern, arroyo, ceilings, engine, relay
 
     return {
         "spr": engine.run_spr,
+        "transform": relay.run_transform,
+        "consume_produce": relay.run_consume_produce,
+        "observe": relay.run_observe,
         "raw": ceilings.run_raw_consume,
         "copy_merge": ceilings.run_copy_merge,
         "antipattern": antipattern.run,

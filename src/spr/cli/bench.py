@@ -10,14 +10,23 @@ from spr.cli.options import add_verbose_option, require_database, require_kafka,
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from spr.bench.harness import SKIPPABLE
+    from spr.bench.options import SCENARIOS, SKIPPABLE
 
     cmd = subparsers.add_parser(
         "bench",
         help="end-to-end benchmark with verification, against the alternatives",
         description="Produce N events once, run spr and the alternatives on them, verify "
         "each table against the expected state, and report events/s, ratios, latency "
-        "and peak RSS.",
+        "and peak RSS. --scenario transform does the same for spr transform against a "
+        "plain consume -> produce loop and Quix Streams' exactly-once mode, verifying "
+        "each output topic.",
+    )
+    cmd.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="state",
+        help="state: spr run against the alternatives; transform: spr transform against "
+        "its ceiling and Quix's exactly-once mode; all: both (default: state)",
     )
     cmd.add_argument(
         "--events", type=int, default=1_000_000, metavar="N", help="events to produce and consume"
@@ -134,6 +143,7 @@ def _main(args: argparse.Namespace) -> int:
     from spr.bench import harness, report
     from spr.config.defaults import default_bootstrap, default_dsn
     from spr.dev.loadgen import LoadSpec
+    from spr.errors import ConfigError
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.skip_quix:
@@ -156,6 +166,7 @@ def _main(args: argparse.Namespace) -> int:
         batch_max_rows=args.batch_max_rows,
         batch_max_age_ms=args.batch_max_age_ms,
         keep=args.keep,
+        scenario=args.scenario,
     )
     # Every argument, then both servers, before the bench creates anything.
     LoadSpec(
@@ -166,11 +177,17 @@ def _main(args: argparse.Namespace) -> int:
         stale=options.stale,
         value_size=options.value_size,
     )
+    if args.plot is not None and not options.runs_state:
+        raise ConfigError(
+            "--plot draws the state scenario's rates and latency; the transform scenario "
+            "has no picture: use --scenario all, or leave --plot out"
+        )
     for path in (args.json, args.plot):
         if path is not None:
             require_writable(path)
     require_kafka(options.bootstrap)
-    require_database(options.dsn)
+    if options.runs_state:  # the transform scenario needs Kafka only
+        require_database(options.dsn)
 
     def progress(text: str) -> None:
         if not args.quiet:
