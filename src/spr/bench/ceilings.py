@@ -30,6 +30,11 @@ def _consumer(bootstrap: str, group: str, topic: str, start_offsets: dict[str, i
     from spr.config import EngineConfig
 
     conf = EngineConfig(group_id=group, topics=(topic,), bootstrap=bootstrap).consumer_config()
+    # spr's consumer asks for end-of-partition events (its stored offsets step over a
+    # transaction's closing marker); with them librdkafka fetches a backlog at about
+    # half the rate (measured: 1.8M -> 0.9M messages/s, the same CPU time, consume()
+    # waiting). spr runs well below either; a ceiling should not pay for it.
+    conf["enable.partition.eof"] = False
     consumer = Consumer(conf)
     consumer.assign([TopicPartition(topic, int(p), int(o)) for p, o in start_offsets.items()])
     return consumer
