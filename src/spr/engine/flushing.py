@@ -272,6 +272,20 @@ class Flushing:
             self._on_outcome(outcome)
         return True
 
+    def await_outcome(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` (real time, one wait, no retry driving) for the
+        running attempt's outcome and take it. The loop's wakeup: when a waiting batch
+        only waits for the flush in flight, the loop waits on that flush, not on
+        ``consume()``, and hands the batch off the moment the flush commits."""
+        thread, job = self.thread, self.inflight
+        if thread is None or job is None or not job.running:
+            return
+        try:
+            outcome = thread.results.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        self._on_outcome(outcome)
+
     def cancel(self, wait_s: float) -> None:
         """Give up the flush in flight: cancel its statement and wait up to ``wait_s``
         for the rollback; one that still runs then is abandoned (a harmless zombie)."""
