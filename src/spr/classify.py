@@ -35,6 +35,7 @@ import psycopg
 from confluent_kafka import KafkaError, KafkaException
 
 from spr.errors import (
+    CommitsLost,
     ConfigError,
     DeadLetterUnavailable,
     InvalidEvent,
@@ -222,6 +223,7 @@ KAFKA_CODES: Mapping[int, ErrorClass] = {
 SPR_ERRORS: tuple[tuple[type[SprError], ErrorClass], ...] = (
     (InvalidEvent, INVALID),
     (ServerUnavailable, TRANSIENT),
+    (CommitsLost, TRANSIENT),  # consumed again from the stored offsets (synchronous_commit=off)
     (DeadLetterUnavailable, FATAL),  # design §6: when the DLQ cannot be written, stop
     (SchemaMismatch, FATAL),  # design §6: every row fails on a column spr does not write
     (ConfigError, FATAL),

@@ -8,6 +8,7 @@ that says what to fix. The command line prints that sentence instead of a traceb
 from __future__ import annotations
 
 __all__ = [
+    "CommitsLost",
     "ConfigError",
     "DeadLetterUnavailable",
     "InvalidEvent",
@@ -78,3 +79,26 @@ class DeadLetterUnavailable(SprError):
     def __init__(self, message: str, *, failed: int = 0) -> None:
         super().__init__(message)
         self.failed = failed
+
+
+class CommitsLost(SprError):
+    """PostgreSQL no longer holds commits it acknowledged: a stored offset is below what
+    this consumer knows it committed, as after a crash under ``synchronous_commit=off``
+    (or a failover to a standby that lagged). Rows and offsets were lost together, so
+    nothing is applied twice or skipped as long as the events are consumed again from
+    the stored offsets; the engine does that by itself (transient, not fatal).
+
+    ``stored`` maps each such partition, ``(topic, partition)``, to its stored next
+    offset now (None when its row is gone); ``expected`` to the one known committed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stored: dict[tuple[str, int], int | None],
+        expected: dict[tuple[str, int], int],
+    ) -> None:
+        super().__init__(message)
+        self.stored = stored
+        self.expected = expected

@@ -74,6 +74,8 @@ def test_rebalance_kind(conf: dict[str, str], cooperative: bool) -> None:
         lambda: EngineConfig(group_id="g", topics=("t", "t")),
         lambda: EngineConfig(group_id="g", topics=("t",), kafka={"enable.auto.commit": "true"}),
         lambda: EngineConfig(group_id="g", topics=("t",), on_offset_gap="skip"),
+        lambda: EngineConfig(group_id="g", topics=("t",), synchronous_commit="sometimes"),
+        lambda: EngineConfig(group_id="g", topics=("t",), synchronous_commit="OFF"),
         lambda: TableMapping(columns=(("entity_id", "entity_id"),), key=("entity_id",)),
         lambda: TableMapping(columns=(("id", "nope"), ("sequence", "sequence")), key=("id",)),
         lambda: TableMapping(table="a", offsets_table="a"),
@@ -141,6 +143,58 @@ def test_defaults_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.bootstrap == DEFAULT_BOOTSTRAP
     assert config.dsn == DEFAULT_DSN
     assert config.mapping == DEFAULT_MAPPING
+
+
+def test_synchronous_commit_is_on_unless_asked_through_any_layer(tmp_path: Path) -> None:
+    required = {"group_id": "g", "topics": ("t",)}
+    assert load_engine_config(environ={}, flags=required).synchronous_commit == "on"
+    path = tmp_path / "spr.toml"
+    path.write_text('synchronous_commit = "off"\n')
+    assert load_engine_config(file=path, environ={}, flags=required).synchronous_commit == "off"
+    path.write_text("synchronous_commit = false\n")  # a TOML boolean, as postgresql.conf allows
+    assert load_engine_config(file=path, environ={}, flags=required).synchronous_commit == "off"
+    # The environment wins over the file, flags over both; the case does not matter.
+    environ = {"SPR_SYNCHRONOUS_COMMIT": " Local "}
+    config = load_engine_config(file=path, environ=environ, flags=required)
+    assert config.synchronous_commit == "local"
+    flags = {**required, "synchronous_commit": "remote_apply"}
+    assert load_engine_config(file=path, environ=environ, flags=flags).synchronous_commit == (
+        "remote_apply"
+    )
+    # Not given (None) means the layer below decides.
+    flags = {**required, "synchronous_commit": None}
+    assert load_engine_config(environ={}, flags=flags).synchronous_commit == "on"
+
+
+def test_spr_run_passes_synchronous_commit_to_the_config_and_to_every_worker() -> None:
+    from spr.cli import build_parser
+    from spr.cli.run import _child_argv, _flags
+
+    argv = ["run", "--topic", "t", "--group", "g", "--workers", "2"]
+    args = build_parser().parse_args([*argv, "--synchronous-commit", "off"])
+    config = load_engine_config(environ={}, flags=_flags(args))
+    assert config.synchronous_commit == "off"
+    child = _child_argv(args, 1)
+    assert child[child.index("--synchronous-commit") + 1] == "off"
+    plain = build_parser().parse_args(argv)
+    assert "--synchronous-commit" not in _child_argv(plain, 1)  # the layers below decide
+    assert load_engine_config(environ={}, flags=_flags(plain)).synchronous_commit == "on"
+
+
+@pytest.mark.parametrize(
+    ("environ", "flag"),
+    [({"SPR_SYNCHRONOUS_COMMIT": "sometimes"}, None), ({}, "sometimes"), ({}, ""),
+     ({"SPR_SYNCHRONOUS_COMMIT": "off"}, "of")],
+)  # fmt: skip
+def test_a_bad_synchronous_commit_is_one_sentence_naming_the_choices(
+    environ: dict[str, str], flag: str | None
+) -> None:
+    flags = {"group_id": "g", "topics": ("t",), "synchronous_commit": flag}
+    with pytest.raises(ConfigError) as caught:
+        load_engine_config(environ=environ, flags=flags)
+    message = str(caught.value)
+    assert message.startswith("synchronous_commit must be one of on, off, local, ")
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize(

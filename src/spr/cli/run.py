@@ -9,7 +9,10 @@ the same group; the parent forwards signals and exits non-zero if any worker fai
 Invalid events, and rows PostgreSQL rejects for their content, go to the dead-letter
 topic ``<topic>.dlq`` (``--dlq-topic``; ``--no-dlq`` turns dead letters off explicitly).
 When it cannot be written the command stops with exit code 2, and no offset is
-committed past the event. ``--metrics-port P`` serves Prometheus metrics on
+committed past the event. ``--synchronous-commit off`` lets each flush's commit return
+before PostgreSQL flushes its WAL (never the default): a database crash then loses the
+last commits, rows and offsets together, and they are consumed again from Kafka.
+``--metrics-port P`` serves Prometheus metrics on
 ``http://127.0.0.1:P/metrics`` (``--metrics-addr`` to change the address); ``--log-json``
 writes one JSON object per log line.
 
@@ -140,6 +143,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the run (default: dead letters on)",
     )
     run.add_argument(
+        "--synchronous-commit",
+        metavar="on|off",
+        help="PostgreSQL synchronous_commit of the flushes (default: on). off: faster "
+        "commits, and a database crash loses the last ones, which are consumed again "
+        "from Kafka (its retention must still hold them); also local, remote_write, "
+        "remote_apply",
+    )
+    run.add_argument(
         "--on-offset-gap",
         choices=("fail", "earliest", "latest"),
         help="when retention deleted unapplied events: stop (default: fail) or skip the gap",
@@ -199,6 +210,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "dead_letters": args.dead_letters,
         "on_offset_gap": args.on_offset_gap,
         "on_misrouted": args.on_misrouted,
+        "synchronous_commit": args.synchronous_commit,
     }
 
 
@@ -350,6 +362,7 @@ def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
         "--dlq-topic": args.dlq_topic,
         "--on-offset-gap": args.on_offset_gap,
         "--on-misrouted": args.on_misrouted,
+        "--synchronous-commit": args.synchronous_commit,
         # One endpoint per worker: consecutive ports (0 lets each pick a free one).
         "--metrics-port": (
             None

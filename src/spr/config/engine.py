@@ -14,10 +14,13 @@ from spr.config.policies import BackpressurePolicy, BatchPolicy, positive
 from spr.errors import ConfigError
 from spr.retry import BreakerPolicy, RetryPolicy
 
-__all__ = ["DLQ_SUFFIX", "ON_MISROUTED", "EngineConfig", "dlq_topic_for"]
+__all__ = ["DLQ_SUFFIX", "ON_MISROUTED", "SYNCHRONOUS_COMMIT", "EngineConfig", "dlq_topic_for"]
 
 _ON_OFFSET_GAP = ("fail", "earliest", "latest")
 ON_MISROUTED = ("auto", "apply", "dead-letter", "stop")
+#: PostgreSQL's ``synchronous_commit`` levels a flush connection may use; "on" first, the
+#: default. Offsets commit with their rows, so every level keeps effects exactly-once.
+SYNCHRONOUS_COMMIT = ("on", "off", "local", "remote_write", "remote_apply")
 
 DLQ_SUFFIX = ".dlq"
 
@@ -52,6 +55,12 @@ class EngineConfig:
     is touched (design §6: fatal): its dead letters would be read back as events, and a
     dead letter of an invalid event is invalid again, so one bad message would loop
     without end.
+
+    ``synchronous_commit`` is PostgreSQL's setting of the same name for the flush
+    connections only (default ``"on"``). ``"off"`` lets a commit return before its WAL
+    is flushed: faster flushes, and a database crash loses the last few hundred
+    milliseconds of commits, rows and offsets together, which the engine then consumes
+    again from Kafka (the topics must still hold them). Never the default.
     """
 
     group_id: str
@@ -63,6 +72,7 @@ class EngineConfig:
     backpressure: BackpressurePolicy = field(default_factory=BackpressurePolicy)
     kafka: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     statement_timeout_ms: int = 30_000
+    synchronous_commit: str = "on"
     connect_timeout_s: float = 5.0
     flush_retry_s: float = 60.0
     revoke_budget_ms: int | None = None
@@ -124,6 +134,11 @@ class EngineConfig:
         if self.on_misrouted not in ON_MISROUTED:
             raise ConfigError(
                 f"on_misrouted must be one of {', '.join(ON_MISROUTED)}, got {self.on_misrouted!r}"
+            )
+        if self.synchronous_commit not in SYNCHRONOUS_COMMIT:
+            raise ConfigError(
+                f"synchronous_commit must be one of {', '.join(SYNCHRONOUS_COMMIT)}, "
+                f"got {self.synchronous_commit!r}"
             )
         if self.on_offset_gap not in _ON_OFFSET_GAP:
             raise ConfigError(

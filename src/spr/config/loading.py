@@ -44,6 +44,7 @@ _ENV: dict[str, tuple[str, str]] = {
     "SPR_TOPICS": ("engine", "topics"),
     "SPR_TABLE": ("table", "name"),
     "SPR_STATEMENT_TIMEOUT_MS": ("engine", "statement_timeout_ms"),
+    "SPR_SYNCHRONOUS_COMMIT": ("engine", "synchronous_commit"),
     "SPR_AUTO_CREATE_SCHEMA": ("engine", "auto_create_schema"),
     "SPR_BATCH_MAX_ROWS": ("batch", "max_rows"),
     "SPR_BATCH_MAX_BYTES": ("batch", "max_bytes"),
@@ -106,6 +107,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if text not in _TRUE + _FALSE:
             raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
         return text in _TRUE
+    if key == "synchronous_commit":
+        # TOML may say it as a boolean, as postgresql.conf may; EngineConfig checks it.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return str(value).strip().lower()
     if key == "topics" and isinstance(value, str):
         return tuple(t.strip() for t in value.split(",") if t.strip())
     if key == "topics" and isinstance(value, list):

@@ -71,6 +71,9 @@ _ERR_UNKNOWN_TOPIC = -188
 _ERR_UNKNOWN_TOPIC_OR_PART = 3
 _ERR_OFFSET_OUT_OF_RANGE = 1
 _ERR_AUTO_OFFSET_RESET = -140  # confluent_kafka.KafkaError._AUTO_OFFSET_RESET
+#: With synchronous_commit=off, how often an idle pipeline asks the database whether it
+#: still holds what was committed (a crash after the last flush loses it silently).
+DURABILITY_PROBE_S = 5.0
 
 
 def _keys(partitions: list[Any]) -> list[TopicPartitionKey]:
@@ -147,6 +150,12 @@ class StatePipeline:
         self.partitions_lost = 0
         self.rollbacks = 0
         self.kafka_errors = 0
+        # synchronous_commit=off: a database crash may lose acknowledged commits, which
+        # must then be consumed again (see _replay_lost_commits).
+        self._check_durable = config.synchronous_commit == "off"
+        self._next_probe_s = 0.0
+        self._writer: PostgresSink | None = None
+        self.commits_lost = 0
 
     @staticmethod
     def consumer_config(config: EngineConfig) -> dict[str, Any]:
@@ -177,7 +186,19 @@ class StatePipeline:
             cooperative=self.cooperative,
         )
         rejected = self.dead_letters.rejected_rows if self.dead_letters.enabled else None
-        self.flushing.start(self._sink_factory(), rejected)
+        # Only the connection that writes batches: offsets commit with their rows there,
+        # which is what makes a weaker setting safe (see EngineConfig).
+        writer = self._sink_factory()
+        writer.synchronous_commit = self.config.synchronous_commit
+        if self.config.synchronous_commit == "off":
+            log.warning(
+                "synchronous_commit is off for the flushes: a PostgreSQL crash loses the "
+                "last commits (rows and offsets together, up to about three times the "
+                "server's wal_writer_delay), and spr consumes those events again from "
+                "Kafka, which must still hold them"
+            )
+        self._writer = writer
+        self.flushing.start(writer, rejected)
 
     def close(self) -> None:
         """Stop the flush thread and close the connections (flushes nothing)."""
@@ -229,6 +250,8 @@ class StatePipeline:
         self.failure.raise_if_failed()
         flushing.poll()
         self.failure.raise_if_failed()
+        if self._check_durable:
+            self._replay_lost_commits()
         # Group commit: with no flush in flight the database is idle, so anything
         # waiting goes at once (at a low rate an event waits for one flush, not for a
         # timer); while a flush runs, the next batch grows by itself up to the batch
@@ -284,7 +307,51 @@ class StatePipeline:
         if self.intake.invalid and self.dead_letters.enabled:
             # Dead letters must be durable before the offsets past them are.
             self.dead_letters.flush()
+        if self._check_durable and self._writer is not None:
+            # What the flush's connection checks the database against when it is new
+            # (a reconnect after a crash): a copy, the flush thread reads it.
+            self._writer.durable_offsets = dict(self.positions.committed)
         self.flushing.submit(self.intake.take())
+
+    def _replay_lost_commits(self) -> None:
+        """Under synchronous_commit=off: when the database lost commits it had
+        acknowledged (a crash), drop all uncommitted work and consume again from the
+        offsets it holds, ring forgotten, so that the lost events are applied again and
+        none is skipped. Found by the flush connection when it reconnects (it refuses to
+        flush past them: CommitsLost) or, while idle, by a probe every
+        DURABILITY_PROBE_S."""
+        writer = self._writer
+        lost: dict[TopicPartitionKey, int | None] = {}
+        if writer is not None and writer.lost_commits is not None:
+            lost, writer.lost_commits = writer.lost_commits.stored, None
+        elif not self.busy:
+            now = self.clock.monotonic()
+            if now < self._next_probe_s:
+                return
+            self._next_probe_s = now + DURABILITY_PROBE_S
+            try:
+                lost = self.positions.lost_commits()
+            except Exception as exc:  # unreachable now: the next probe or flush checks
+                log.debug("durability probe failed: %s", exc)
+                return
+        if not lost:
+            return
+        committed = self.positions.committed
+        self.commits_lost += 1
+        log_event(
+            log,
+            "commits_lost",
+            level=logging.WARNING,
+            partitions=", ".join(
+                f"{t}[{p}] {committed.get((t, p), 'none')} -> "
+                f"{'none' if lost[(t, p)] is None else lost[(t, p)]}"
+                for t, p in sorted(lost)
+            ),
+            note="PostgreSQL lost acknowledged commits (synchronous_commit=off); "
+            "consuming them again from its offsets",
+        )
+        self.positions.lower(lost)
+        self.abandon()
 
     def _committed(self, job: FlushJob, result: FlushResult, seconds: float) -> None:
         positions = self.positions

@@ -11,6 +11,9 @@ Invariants:
   a rollback rewinds every owned partition there (or to where it started), never to
   the logical end: a partition assigned at "latest" is resolved to a real offset.
 * Kafka's committed offsets only mirror the database, after it, for lag tools.
+* When the database lost commits it acknowledged (a crash under
+  ``synchronous_commit=off``), its lower offsets are the truth again
+  (:meth:`Positions.lower`): ``committed`` never stays above what it holds.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from spr.errors import ConfigError, ServerUnavailable
 from spr.kafka.admin import KafkaAdmin
 from spr.kafka.clients import topic_partition
 from spr.logs import log_event
-from spr.sink.postgres import PostgresSink, redact_dsn
+from spr.sink.postgres import PostgresSink, lost_offsets, redact_dsn
 
 __all__ = ["OFFSET_BEGINNING", "OFFSET_END", "Positions", "start_offset"]
 
@@ -324,6 +327,29 @@ class Positions:
             self.consumer.commit(offsets=owned, asynchronous=not sync)
         except Exception as exc:
             log.debug("Kafka offset commit failed: %s", exc)
+
+    def lost_commits(self) -> dict[TopicPartitionKey, int | None]:
+        """The owned partitions whose offset the database holds below ``committed``
+        (None: no row any more), read now through the control connection: what a crash
+        under ``synchronous_commit=off`` lost. Blocks; raises on database errors."""
+        if not self.committed:
+            return {}
+        stored = self.control.load_offsets(self.config.group_id, self.config.topics)
+        return lost_offsets(self.committed, stored)
+
+    def lower(self, stored: Mapping[TopicPartitionKey, int | None]) -> None:
+        """The database lost commits: take its ``stored`` offsets as committed again (a
+        partition without a row restarts where it started, from the beginning under
+        ``auto.offset.reset=earliest``). A :meth:`rewind` then seeks there."""
+        for key, offset in stored.items():
+            if key not in self.assigned:
+                continue
+            if offset is not None:
+                self.committed[key] = min(offset, self.committed.get(key, offset))
+                continue
+            self.committed.pop(key, None)
+            if self.offset_reset.lower() in _EARLIEST:
+                self.start_offsets[key] = OFFSET_BEGINNING
 
     # -- a retention gap found by the fetcher ---------------------------------------------
 

@@ -4,7 +4,8 @@ keepalives, dropped after a failure, cancellable from any thread.
 Every statement runs under ``statement_timeout``; a transaction left idle (its process
 frozen, a VM paused) is ended by the server after ``idle_in_transaction_session_timeout``;
 TCP keepalives and ``tcp_user_timeout`` turn a silent network drop into an error within
-seconds instead of hours.
+seconds instead of hours. A sink that writes batches may also set ``synchronous_commit``
+(``spr run --synchronous-commit``); it is set again on every new connection.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class SinkConnection:
 
     ``setup(conn)`` runs on every new connection (the sink creates its staging table
     there). :meth:`get` raises ServerUnavailable (one sentence, the DSN redacted) when
-    the server cannot be reached.
+    the server cannot be reached. ``synchronous_commit``, when set, is the session's
+    ``synchronous_commit`` (None leaves the server's setting); it applies from the next
+    connection on.
     """
 
     def __init__(
@@ -53,12 +56,14 @@ class SinkConnection:
         connect_timeout_s: float,
         application_name: str,
         setup: Callable[[psycopg.Connection[Any]], None] | None = None,
+        synchronous_commit: str | None = None,
     ) -> None:
         self.dsn = dsn
         self.statement_timeout_ms = statement_timeout_ms
         self.connect_timeout_s = connect_timeout_s
         self.application_name = application_name
         self.setup = setup
+        self.synchronous_commit = synchronous_commit
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
 
@@ -112,6 +117,12 @@ class SinkConnection:
                     sql.Literal(IDLE_IN_TRANSACTION_TIMEOUT_MS)
                 )
             )
+            if self.synchronous_commit is not None:
+                conn.execute(
+                    sql.SQL("SET synchronous_commit = {}").format(
+                        sql.Literal(self.synchronous_commit)
+                    )
+                )
             if self.setup is not None:
                 self.setup(conn)
         except BaseException:

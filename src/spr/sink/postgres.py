@@ -26,7 +26,7 @@ from psycopg import sql
 from spr._event import COLUMN_TYPES, STATE_COLUMNS
 from spr.classify import ErrorClass, classify
 from spr.config import DEFAULT_MAPPING, TableMapping
-from spr.errors import ConfigError, SchemaMismatch
+from spr.errors import CommitsLost, ConfigError, SchemaMismatch
 from spr.logs import redact
 from spr.sink.connection import DEAD_LETTER_IDLE_TIMEOUT_MS, SinkConnection
 from spr.sink.isolate import isolate_poison, shared_failure
@@ -47,6 +47,7 @@ __all__ = [
     "PostgresSink",
     "RejectedRow",
     "is_transient",
+    "lost_offsets",
     "redact_dsn",
 ]
 
@@ -145,6 +146,15 @@ class PostgresSink:
     database. Connection failures raise :class:`ServerUnavailable`; other database
     errors propagate as :class:`psycopg.Error` (see :func:`spr.classify.classify`). After an
     error the sink reconnects on its next call.
+
+    ``synchronous_commit`` is the sessions' ``synchronous_commit`` (None, the default,
+    leaves the server's setting); the engine sets it on the sink that flushes batches
+    (:attr:`EngineConfig.synchronous_commit`). Offsets commit with their rows, so a
+    database crash under ``"off"`` loses rows and offsets together. To notice it, the
+    engine also sets :attr:`durable_offsets` before each flush: every new connection
+    then first checks that the stored offsets are not below them, and raises
+    :class:`CommitsLost` (transient) instead of flushing past commits the database lost;
+    :attr:`lost_commits` keeps that error for the engine, which consumes them again.
     """
 
     def __init__(
@@ -157,6 +167,7 @@ class PostgresSink:
         connect_timeout_s: float = 5.0,
         application_name: str = "spr",
         dead_letter: DeadLetterRows | None = None,
+        synchronous_commit: str | None = None,
     ) -> None:
         self.dsn = dsn
         #: Receives the rows the database rejects (see :meth:`flush`); settable.
@@ -166,12 +177,19 @@ class PostgresSink:
         self.statement_timeout_ms = statement_timeout_ms
         self.connect_timeout_s = connect_timeout_s
         self.application_name = application_name
+        #: The next offsets known committed, ``(topic, partition) -> offset``, checked on
+        #: every new connection (see the class); None checks nothing. Settable; replace
+        #: the mapping rather than change it (the flush thread reads it).
+        self.durable_offsets: Mapping[tuple[str, int], int] | None = None
+        #: The :class:`CommitsLost` the last check raised, until its reader clears it.
+        self.lost_commits: CommitsLost | None = None
         self._session = SinkConnection(
             dsn,
             statement_timeout_ms=statement_timeout_ms,
             connect_timeout_s=connect_timeout_s,
             application_name=application_name,
-            setup=self._create_staging,
+            setup=self._on_connect,
+            synchronous_commit=synchronous_commit,
         )
         self.schema = TableSchema(mapping)
         self._table = self.schema.table
@@ -186,6 +204,17 @@ class PostgresSink:
         """The connection's keepalives and ``tcp_user_timeout`` (see
         :meth:`SinkConnection.options`)."""
         return self._session.options()
+
+    @property
+    def synchronous_commit(self) -> str | None:
+        """The sessions' ``synchronous_commit``, or None for the server's setting.
+        Settable; a new value applies from the next connection on (set it before the
+        first flush)."""
+        return self._session.synchronous_commit
+
+    @synchronous_commit.setter
+    def synchronous_commit(self, value: str | None) -> None:
+        self._session.synchronous_commit = value
 
     @classmethod
     def from_config(cls: type[_Sink], config: EngineConfig) -> _Sink:
@@ -214,6 +243,36 @@ class PostgresSink:
         unless it had already committed. Never raises; a no-op when idle.
         """
         self._session.cancel()
+
+    def _on_connect(self, conn: psycopg.Connection[Any]) -> None:
+        self._create_staging(conn)
+        expected = self.durable_offsets
+        if expected and self.group_id:
+            self._check_durable(conn, self.group_id, dict(expected))
+
+    def _check_durable(
+        self, conn: psycopg.Connection[Any], group: str, expected: dict[tuple[str, int], int]
+    ) -> None:
+        # A new connection may follow a crash that lost the last asynchronous commits;
+        # a flush on it would move the offsets past them (GREATEST), skipping their
+        # events for good. Reads the stored offsets once per connection, not per flush.
+        stored = _read_offsets(conn, self._offsets, group, {t for t, _ in expected})
+        lost = lost_offsets(expected, stored)
+        if not lost:
+            return
+        where = ", ".join(
+            f"{t}[{p}] is at {'no offset' if lost[(t, p)] is None else lost[(t, p)]} "
+            f"instead of {expected[(t, p)]}"
+            for t, p in sorted(lost)
+        )
+        error = CommitsLost(
+            f"PostgreSQL lost commits it had acknowledged ({where}), as a crash does under "
+            "synchronous_commit=off; their events are consumed again from Kafka",
+            stored=lost,
+            expected={key: expected[key] for key in lost},
+        )
+        self.lost_commits = error
+        raise error
 
     def _create_staging(self, conn: psycopg.Connection[Any]) -> None:
         # The staging table lives as long as the connection; ON COMMIT DELETE ROWS
@@ -467,20 +526,35 @@ class PostgresSink:
     def load_offsets(self, group: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
         """The stored next offsets of ``group`` on ``topics``: ``(topic, partition) ->
         next_offset``. Partitions never flushed are absent. Blocks; raises on errors."""
-        topic_list = sorted(set(topics))
         conn = self.connect()
         try:
-            rows = conn.execute(
-                sql.SQL(
-                    "SELECT topic, partition, next_offset FROM {} "
-                    "WHERE group_id = %s AND topic = ANY(%s)"
-                ).format(self._offsets),
-                (group, topic_list),
-            ).fetchall()
+            return _read_offsets(conn, self._offsets, group, topics)
         except psycopg.Error as exc:
             self._session.after_error(conn, exc)
             raise
-        return {(str(t), int(p)): int(n) for t, p, n in rows}
+
+
+def lost_offsets(
+    expected: Mapping[tuple[str, int], int], stored: Mapping[tuple[str, int], int]
+) -> dict[tuple[str, int], int | None]:
+    """The partitions whose ``stored`` next offset is below the ``expected`` one (None
+    when nothing is stored): the database lost commits it acknowledged. A stored offset
+    above the expected one is fine (another owner went on)."""
+    return {
+        key: stored.get(key) for key, offset in expected.items() if stored.get(key, -1) < offset
+    }
+
+
+def _read_offsets(
+    conn: psycopg.Connection[Any], offsets_table: sql.Composable, group: str, topics: Iterable[str]
+) -> dict[tuple[str, int], int]:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT topic, partition, next_offset FROM {} WHERE group_id = %s AND topic = ANY(%s)"
+        ).format(offsets_table),
+        (group, sorted(set(topics))),
+    ).fetchall()
+    return {(str(t), int(p)): int(n) for t, p, n in rows}
 
 
 def _as_bytes(value: Any) -> bytes | None:
