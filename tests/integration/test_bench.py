@@ -84,6 +84,33 @@ def test_short_bench_verifies_and_reports(tmp_path: Path, bootstrap: str, dsn: s
     assert document["workload"]["topic"] not in _topics(bootstrap)
 
 
+@pytest.mark.timeout(180)
+def test_live_scenario_writes_a_row_per_event_and_verifies(
+    tmp_path: Path, bootstrap: str, dsn: str
+) -> None:
+    out = tmp_path / "live.json"
+    argv = [sys.executable, "-m", "spr", "bench", "--scenario", "live", "--events", "20000",
+            "--bootstrap", bootstrap, "--dsn", dsn, "--json", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "live (one event per entity, nothing to collapse)" in done.stdout
+
+    document = json.loads(out.read_text())
+    assert document["ok"] is True and "contenders" not in document and "latency" not in document
+    live = document["live"]
+    workload = live["workload"]
+    assert workload["events"] == workload["entities"] == workload["distinct_entities_touched"]
+    assert workload["duplicates_sent"] == workload["stale_sent"] == 0
+    assert set(live["contenders"]) == {"raw_consume", "spr", "copy_merge"}
+    spr = live["contenders"]["spr"]
+    assert spr["status"] == "ok" and spr["verification"]["ok"], spr
+    # Nothing collapses: every event consumed is a row merged.
+    assert spr["stats"]["consumed"] == spr["stats"]["applied"] == 20_000
+    assert live["contenders"]["copy_merge"]["verification"]["ok"]
+    assert set(live["ratios"]) == {"raw_consume", "copy_merge"}
+    assert workload["topic"] not in _topics(bootstrap)
+
+
 @pytest.mark.timeout(700)
 def test_quix_contender(bootstrap: str, dsn: str) -> None:
     """Quix Streams runs from its own venv (built on first use, then cached); its sink

@@ -165,6 +165,9 @@ ROWS: dict[str, list[Row]] = {
         row("run --topic {topic} --group {group} --table " + "t" * 70 + " --auto-create-schema",
             "too long", "offsets"),
         row(RUN + " --bogus", "unrecognized arguments: --bogus", *RUN_LEAVES, usage=True),
+        row(RUN + " --synchronous-commit sometimes",
+            "synchronous_commit must be one of on, off, local, remote_write, remote_apply, "
+            "got 'sometimes'", *RUN_LEAVES),
     ],
     "transform": [
         row(TRANSFORM + " --bootstrap 127.0.0.1:1", UNREACHABLE, "topic", "offsets"),
@@ -269,6 +272,8 @@ ROWS: dict[str, list[Row]] = {
             "workspace"),
         row("bench --scenario transform --events 1000 --plot /tmp/spr-contract.png",
             "the transform scenario has no picture", "workspace"),
+        row("bench --scenario live --events 1000 --plot /tmp/spr-contract.png",
+            "the live scenario has no picture", "workspace"),
     ],
 }  # fmt: skip
 

@@ -4,6 +4,7 @@ latency attribution, ratios and the printed report. No servers."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -173,6 +174,32 @@ def test_format_report_shows_each_contender_and_verdict() -> None:
     assert text.rstrip().endswith("PASSED")
 
 
+def test_format_report_shows_the_live_section_and_the_collapse() -> None:
+    def spr(rate: float, consumed: int, applied: int, stale: int) -> dict[str, Any]:
+        stats = {"flushes": 2, "consumed": consumed, "applied": applied, "stale": stale}
+        return {"status": "ok", "events": consumed, "events_per_s": rate, "stats": stats}
+
+    document = {
+        "workload": {"events": 1000, "entities": 100, "partitions": 3},
+        "contenders": {"spr": spr(9000.0, 1000, 230, 20)},
+        "live": {
+            "workload": {"events": 1000, "entities": 1000, "partitions": 3},
+            "contenders": {
+                "spr": spr(4000.0, 1000, 1000, 0),
+                "copy_merge": {"status": "ok", "events": 1000, "events_per_s": 2000.0},
+            },
+            "ratios": {"copy_merge": 2.0},
+        },
+        "ok": True,
+    }
+    text = report.format_report(document)
+    backlog, live = text.split("live (one event per entity, nothing to collapse): ")
+    assert "rows merged per event consumed: 0.25" in backlog
+    assert "1,000 events, 1,000 entities" in live
+    assert "rows merged per event consumed: 1.00" in live
+    assert "copy_merge" in live and "2.00" in live
+
+
 def test_bench_options_are_validated() -> None:
     BenchOptions(bootstrap="b", dsn="d", events=10, skip=frozenset({"quix", "ceilings"}))
     with pytest.raises(ConfigError, match="skip"):
@@ -263,7 +290,19 @@ def test_bench_options_scenarios() -> None:
     assert options.skips("consume_produce") and not options.skips("quix")
     both = BenchOptions(bootstrap="b", dsn="d", scenario="all")
     assert both.runs_state and both.runs_transform
-    assert BenchOptions(bootstrap="b", dsn="d").scenario == "state"
+    assert both.runs_backlog and both.runs_live and both.runs_latency
+    default = BenchOptions(bootstrap="b", dsn="d")
+    assert default.scenario == "state"
+    assert default.runs_backlog and default.runs_latency and not default.runs_live
+    live = BenchOptions(bootstrap="b", dsn="d", scenario="live")
+    assert live.runs_live and live.runs_state
+    assert not (live.runs_backlog or live.runs_latency or live.runs_transform)
+    latency = BenchOptions(bootstrap="b", dsn="d", scenario="latency")
+    assert latency.runs_latency and not (latency.runs_backlog or latency.runs_live)
+    backlog = BenchOptions(bootstrap="b", dsn="d", scenario="backlog")
+    assert backlog.runs_backlog and not (backlog.runs_latency or backlog.runs_live)
+    rate_only = BenchOptions(bootstrap="b", dsn="d", latency_only=True)
+    assert rate_only.runs_latency and not (rate_only.runs_backlog or rate_only.runs_live)
     with pytest.raises(ConfigError, match="scenario"):
         BenchOptions(bootstrap="b", dsn="d", scenario="routing")
 

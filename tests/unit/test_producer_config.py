@@ -168,6 +168,8 @@ def test_malformed_mappings_are_invalid_events(event: dict[str, object], reason:
         {"count": 1, "value_size": -1},
         {"count": 1, "entity_types": ()},
         {"count": 1, "entity_types": ("a:b",)},
+        {"count": 11, "entities": 10, "one_per_entity": True},
+        {"count": 5, "entities": 10, "duplicates": 0.1, "one_per_entity": True},
     ],
 )
 def test_load_spec_is_validated_on_construction(kwargs: dict[str, object]) -> None:
@@ -201,6 +203,19 @@ def test_another_seed_gives_other_events() -> None:
 def test_exactly_count_messages(count: int) -> None:
     spec = LoadSpec(count=count, entities=5, seed=1, duplicates=0.2, stale=0.3)
     assert sum(1 for _ in generate(spec)) == count
+
+
+@pytest.mark.parametrize("entities", [1, 7, 1_000_003, 20_000])
+def test_one_per_entity_gives_every_entity_one_new_event_in_a_scrambled_order(
+    entities: int,
+) -> None:
+    count = min(entities, 20_000)
+    events = list(generate(LoadSpec(count=count, entities=entities, one_per_entity=True)))
+    assert len(events) == count and {e.kind for e in events} == {"new"}
+    assert len({e.entity_id for e in events}) == count and {e.sequence for e in events} == {1}
+    if count > 100:
+        ids = [e.entity_id for e in events[:100]]
+        assert ids != sorted(ids)
 
 
 def test_fractions_are_roughly_what_was_asked() -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from spr.bench import report
-from spr.bench.options import CONTENDERS, SKIPPABLE, BenchOptions, Progress
+from spr.bench.options import CONTENDERS, LIVE_CONTENDERS, SKIPPABLE, BenchOptions, Progress
 from spr.bench.verify import Verification, compare, expected_from_topic, fetch_rows
 from spr.bench.workspace import Child, Workspace, broker_timestamps, watermarks
 from spr.errors import ServerUnavailable
@@ -359,9 +359,12 @@ def run_bench(
         },
     }
     try:
-        if options.runs_state and not options.latency_only:
+        if options.runs_backlog:
             _compare(ws, document, series)
-        if options.runs_state and (options.latency_only or not options.skips("latency")):
+        if options.runs_live:
+            document["live"] = {}
+            _compare(ws, document["live"], {}, live=True)
+        if options.runs_latency:
             latency, values, timeline = _latency_phase(
                 ws, options.latency_rate, options.latency_seconds
             )
@@ -374,8 +377,11 @@ def run_bench(
             document["transform"] = run_transform_scenario(ws)
     finally:
         ws.cleanup()
-    spr_ok = options.latency_only or "contenders" not in document
-    spr_ok = spr_ok or document["contenders"]["spr"]["status"] == "ok"
+    spr_ok = all(
+        section["contenders"]["spr"]["status"] in ("ok", "skipped")
+        for section in (document, document.get("live", {}))
+        if "contenders" in section
+    )
     latency_ok = "latency" not in document or document["latency"]["status"] == "ok"
     transform_ok = "transform" not in document or document["transform"]["ok"]
     document["ok"] = spr_ok and latency_ok and transform_ok
@@ -390,18 +396,27 @@ def _version() -> str:
     return f"{__version__} ({IMPL})"
 
 
-def _compare(ws: Workspace, document: dict[str, Any], series: dict[str, Any]) -> None:
+def _compare(
+    ws: Workspace, document: dict[str, Any], series: dict[str, Any], *, live: bool = False
+) -> None:
+    """Produce the workload once and run the contenders on it, into ``document``.
+
+    ``live``: one event per entity, no duplicates, nothing stale, so that nothing
+    collapses and the database writes a row per event (live traffic, not a backlog);
+    only spr and its ceilings run.
+    """
     from spr.dev.loadgen import LoadSpec, produce
 
     options = ws.options
-    topic = ws.create_topic("events")
+    topic = ws.create_topic("live" if live else "events")
     spec = LoadSpec(
         count=options.events,
-        entities=options.entities,
+        entities=options.events if live else options.entities,
         seed=options.seed,
-        duplicates=options.duplicates,
-        stale=options.stale,
+        duplicates=0.0 if live else options.duplicates,
+        stale=0.0 if live else options.stale,
         value_size=options.value_size,
+        one_per_entity=live,
     )
     manifest = ws.tmp / "manifest.json"
     ws.progress(f"producing {options.events:,} events to {topic}")
@@ -422,7 +437,7 @@ def _compare(ws: Workspace, document: dict[str, Any], series: dict[str, Any]) ->
     document["workload"] = {
         "topic": topic,
         "events": total,
-        "entities": options.entities,
+        "entities": spec.entities,
         "distinct_entities_touched": len(expected),
         "partitions": options.partitions,
         "value_bytes": options.value_size,
@@ -454,6 +469,8 @@ def _compare(ws: Workspace, document: dict[str, Any], series: dict[str, Any]) ->
             timelines[name] = (result.get("first_s"), [(t, n) for t, n in result["timeline"]])
 
     for name in CONTENDERS:
+        if live and name not in LIVE_CONTENDERS:
+            continue
         if options.skips(name):
             contenders[name] = {"status": "skipped", "reason": "--skip"}
             continue

@@ -8,7 +8,7 @@ from typing import Any
 
 from spr.errors import ConfigError
 
-__all__ = ["CONTENDERS", "SCENARIOS", "SKIPPABLE", "BenchOptions", "Progress"]
+__all__ = ["CONTENDERS", "LIVE_CONTENDERS", "SCENARIOS", "SKIPPABLE", "BenchOptions", "Progress"]
 
 #: Contenders in the order they run and appear in the report.
 CONTENDERS = ("raw_consume", "spr", "copy_merge", "arroyo", "quix", "antipattern")
@@ -24,9 +24,14 @@ SKIPPABLE = (
     "antipattern",
     "latency",
 )
-#: ``state``: spr run against the alternatives (the default); ``transform``: spr
-#: transform against its ceiling and Quix's exactly-once mode; ``all``: both.
-SCENARIOS = ("state", "transform", "all")
+#: ``backlog``: spr run against the alternatives on a backlog that collapses (many
+#: events per entity); ``live``: one event per entity, nothing to collapse, against the
+#: ceilings only; ``latency``: a steady rate, append -> commit percentiles (as
+#: ``--rate``); ``state`` (the default): ``backlog`` then ``latency``; ``transform``:
+#: spr transform against its ceiling and Quix's exactly-once mode; ``all``: every one.
+SCENARIOS = ("state", "backlog", "live", "latency", "transform", "all")
+#: The contenders of the ``live`` scenario: spr and its own ceilings on the same rows.
+LIVE_CONTENDERS = ("raw_consume", "spr", "copy_merge")
 
 Progress = Callable[[str], None]
 
@@ -91,8 +96,23 @@ class BenchOptions:
         return name in ("raw_consume", "copy_merge", "consume_produce") and "ceilings" in self.skip
 
     @property
+    def runs_backlog(self) -> bool:
+        return self.scenario in ("state", "backlog", "all") and not self.latency_only
+
+    @property
+    def runs_live(self) -> bool:
+        return self.scenario in ("live", "all") and not self.latency_only
+
+    @property
+    def runs_latency(self) -> bool:
+        if self.latency_only or self.scenario == "latency":
+            return True
+        return self.scenario in ("state", "all") and not self.skips("latency")
+
+    @property
     def runs_state(self) -> bool:
-        return self.scenario in ("state", "all")
+        """Any scenario of ``spr run`` (they need the database)."""
+        return self.runs_backlog or self.runs_live or self.runs_latency
 
     @property
     def runs_transform(self) -> bool:

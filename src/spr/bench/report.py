@@ -310,14 +310,15 @@ def _mb(value: Any) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def format_report(document: Mapping[str, Any]) -> str:
-    """The human-readable table of a bench document (the ``--json`` content)."""
-    workload = document.get("workload", {})
+def _state_lines(section: Mapping[str, Any], title: str = "spr bench") -> list[str]:
+    """The contenders table of one state scenario (``backlog`` at the document's top,
+    ``live`` under ``"live"``), with spr's counters and rows written per event."""
+    workload = section.get("workload", {})
     if not workload:
         lines: list[str] = []
     else:
         lines = [
-            f"spr bench: {workload.get('events', 0):,} events, {workload.get('entities', 0):,} "
+            f"{title}: {workload.get('events', 0):,} events, {workload.get('entities', 0):,} "
             f"entities, {workload.get('partitions', 0)} partitions "
             f"({workload.get('duplicates_sent', 0):,} duplicates, "
             f"{workload.get('stale_sent', 0):,} stale)",
@@ -325,8 +326,8 @@ def format_report(document: Mapping[str, Any]) -> str:
             f"{'contender':<14}{'status':<10}{'events':>11}{'events/s':>12}{'spr x':>9}"
             f"{'peak RSS MB':>13}  verification",
         ]
-    contenders = document.get("contenders", {})
-    ratio_map = document.get("ratios", {})
+    contenders = section.get("contenders", {})
+    ratio_map = section.get("ratios", {})
     too_short = [name for name, c in contenders.items() if c.get("too_short")]
     spr_too_short = bool(contenders.get("spr", {}).get("too_short"))
     for name, c in contenders.items():
@@ -369,6 +370,24 @@ def format_report(document: Mapping[str, Any]) -> str:
             f"{stats.get('applied', 0):,} rows applied; flush busy "
             f"{spr.get('flush_busy_pct', 0)}% of the run",
         ]
+        consumed = stats.get("consumed") or 0
+        if consumed:
+            rows = (stats.get("applied") or 0) + (stats.get("stale") or 0)
+            lines.append(
+                f"rows merged per event consumed: {rows / consumed:.2f} (the collapse: "
+                "what the database writes is what sets the rate)"
+            )
+    return lines
+
+
+def format_report(document: Mapping[str, Any]) -> str:
+    """The human-readable table of a bench document (the ``--json`` content)."""
+    lines = _state_lines(document)
+    live = document.get("live")
+    if live:
+        lines += ([""] if lines else []) + _state_lines(
+            live, "live (one event per entity, nothing to collapse)"
+        )
     latency = document.get("latency")
     if latency:
         lines += [

@@ -25,8 +25,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--scenario",
         choices=SCENARIOS,
         default="state",
-        help="state: spr run against the alternatives; transform: spr transform against "
-        "its ceiling and Quix's exactly-once mode; all: both (default: state)",
+        help="backlog: spr run against the alternatives on a backlog that collapses; "
+        "live: one event per entity (nothing to collapse) against the ceilings on the same "
+        "rows; latency: a steady --latency-rate, broker append -> commit percentiles; "
+        "state: backlog, then latency; transform: spr transform against its ceiling and "
+        "Quix's exactly-once mode; all: every scenario (default: state)",
     )
     cmd.add_argument(
         "--events", type=int, default=1_000_000, metavar="N", help="events to produce and consume"
@@ -177,10 +180,11 @@ def _main(args: argparse.Namespace) -> int:
         stale=options.stale,
         value_size=options.value_size,
     )
-    if args.plot is not None and not options.runs_state:
+    if args.plot is not None and not (options.runs_backlog or options.runs_latency):
         raise ConfigError(
-            "--plot draws the state scenario's rates and latency; the transform scenario "
-            "has no picture: use --scenario all, or leave --plot out"
+            "--plot draws the backlog scenario's rates and the latency; the "
+            f"{options.scenario} scenario has no picture: use --scenario state or all, "
+            "or leave --plot out"
         )
     for path in (args.json, args.plot):
         if path is not None:

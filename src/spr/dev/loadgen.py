@@ -18,6 +18,7 @@ tests use these functions directly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -85,7 +86,9 @@ class LoadSpec:
     entities. ``duplicates`` and ``stale`` are the approximate fractions of messages
     that are republished duplicates and late (stale) events; ``aliases`` is the fraction
     of distinct events written with alias field names. ``value_size`` is the
-    approximate JSON size in bytes.
+    approximate JSON size in bytes. ``one_per_entity`` gives each entity exactly one
+    new event, in a scrambled order (live traffic: nothing for a batch to collapse);
+    it needs ``count <= entities`` and no duplicates or stale events.
     """
 
     count: int
@@ -96,8 +99,14 @@ class LoadSpec:
     aliases: float = 0.0
     value_size: int = 200
     entity_types: tuple[str, ...] = ("order", "payment", "shipment", "invoice")
+    one_per_entity: bool = False
 
     def __post_init__(self) -> None:
+        if self.one_per_entity and (self.count > self.entities or self.duplicates or self.stale):
+            raise ConfigError(
+                "one event per entity needs count <= entities and no duplicates or stale "
+                f"events, got count {self.count}, entities {self.entities}"
+            )
         if self.count < 0:
             raise ConfigError(f"count must be >= 0, got {self.count}")
         if self.entities < 1:
@@ -223,6 +232,17 @@ def generate(spec: LoadSpec) -> Iterator[GeneratedEvent]:
         return event
 
     emitted = 0
+    if spec.one_per_entity:
+        # i -> i * step mod entities visits every entity once when step is coprime to
+        # it; a step near entities / golden ratio scatters neighbours far apart, so
+        # keys arrive as randomly as live traffic's do.
+        step = max(1, round(entities * 0.6180339887))
+        while math.gcd(step, entities) != 1:
+            step += 1
+        while emitted < spec.count:
+            yield make(emitted * step % entities, "new")
+            emitted += 1
+        return
     mixing = spec.duplicates > 0.0 or spec.stale > 0.0
     while emitted < spec.count:
         draw = rng.random() if mixing else 1.0
