@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: lint, bring up the real local stack, run the unit and integration
 # suites against it, a short end-to-end benchmark whose verification must pass, the
-# micro-benchmarks once each, asv's quick run, and the wheel check.
+# micro-benchmarks once each, asv's quick run, and the release artefacts: built into
+# dist/ and checked, then installed in fresh virtualenvs and run on the stack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash ci/setup.sh
@@ -22,4 +23,5 @@ spr bench --events 100000 --entities 10000 --skip quix,antipattern,latency -q
 "$PY" -m pytest tests/bench -q -p no:cacheprovider
 asv machine --yes >/dev/null
 asv run --quick --python=same --show-stderr
-"$PY" ci/check_wheel.py
+bash ci/build_dist.sh
+bash ci/install_test.sh

@@ -1,6 +1,9 @@
-from importlib.metadata import PackageNotFoundError, version
+"""The version of spr, written here and nowhere else.
 
-try:
-    __version__ = version("spr")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+setuptools reads this assignment when it builds (``[tool.setuptools.dynamic]`` in
+pyproject.toml parses it without importing spr), so the wheel's and the sdist's names,
+the installed distribution's metadata, ``spr.__version__`` and ``spr --version`` agree.
+Keep it a plain string literal: anything else makes setuptools import the package.
+"""
+
+__version__ = "0.1.0"
