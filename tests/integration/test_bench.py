@@ -3,6 +3,7 @@ and its JSON must carry every figure the issue asks for. Correctness, not speed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -85,18 +86,24 @@ def test_short_bench_verifies_and_reports(tmp_path: Path, bootstrap: str, dsn: s
 
 
 @pytest.mark.timeout(180)
-def test_live_scenario_writes_a_row_per_event_and_verifies(
+def test_live_scenario_writes_a_row_per_event_beside_the_other_scenarios(
     tmp_path: Path, bootstrap: str, dsn: str
 ) -> None:
+    # Every scenario in one workspace (as --scenario all runs them), so that each must
+    # keep to its own groups, tables and offsets.
     out = tmp_path / "live.json"
-    argv = [sys.executable, "-m", "spr", "bench", "--scenario", "live", "--events", "20000",
+    argv = [sys.executable, "-m", "spr", "bench", "--scenario", "all", "--events", "20000",
+            "--entities", "4000", "--skip", "quix,arroyo,antipattern,latency",
             "--bootstrap", bootstrap, "--dsn", dsn, "--json", str(out)]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "live (one event per entity, nothing to collapse)" in done.stdout
 
     document = json.loads(out.read_text())
-    assert document["ok"] is True and "contenders" not in document and "latency" not in document
+    assert document["ok"] is True and "latency" not in document and document["transform"]["ok"]
+    backlog = document["contenders"]["spr"]
+    assert backlog["status"] == "ok" and backlog["offsets_committed"] is True
+    assert backlog["stats"]["applied"] < 20_000  # the backlog collapses
     live = document["live"]
     workload = live["workload"]
     assert workload["events"] == workload["entities"] == workload["distinct_entities_touched"]
@@ -104,11 +111,37 @@ def test_live_scenario_writes_a_row_per_event_and_verifies(
     assert set(live["contenders"]) == {"raw_consume", "spr", "copy_merge"}
     spr = live["contenders"]["spr"]
     assert spr["status"] == "ok" and spr["verification"]["ok"], spr
+    assert spr["offsets_committed"] is True
     # Nothing collapses: every event consumed is a row merged.
     assert spr["stats"]["consumed"] == spr["stats"]["applied"] == 20_000
     assert live["contenders"]["copy_merge"]["verification"]["ok"]
     assert set(live["ratios"]) == {"raw_consume", "copy_merge"}
     assert workload["topic"] not in _topics(bootstrap)
+
+
+@pytest.mark.timeout(180)
+def test_soak_samples_rss_over_time_and_verifies(tmp_path: Path, bootstrap: str, dsn: str) -> None:
+    out, picture = tmp_path / "soak.json", tmp_path / "soak.png"
+    argv = [sys.executable, "-m", "spr", "bench", "--scenario", "soak", "--soak-minutes", "0.25",
+            "--latency-rate", "2000", "--entities", "3000", "--bootstrap", bootstrap,
+            "--dsn", dsn, "--json", str(out), "--plot", str(picture)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "soak at 2,000 events/s for 0.25 min" in done.stdout
+
+    document = json.loads(out.read_text())
+    soak = document["soak"]
+    assert document["ok"] is True and soak["status"] == "ok", soak
+    assert soak["events"] == 30_000 and soak["verification"]["ok"]
+    # One sample a second from spr's start to its exit, in MB, all of a live process.
+    series = soak["rss_series_mb"]
+    assert len(series) >= 15 and all(1 < mb < 1000 for _, mb in series)
+    assert all(b[0] > a[0] for a, b in itertools.pairwise(series))
+    rss = soak["rss"]
+    assert rss["samples"] == len(series) and rss["warmup_s"] == 2.5
+    assert rss["peak_mb"] == pytest.approx(max(mb for _, mb in series), abs=0.05)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "latency" not in document and "contenders" not in document
 
 
 @pytest.mark.timeout(700)

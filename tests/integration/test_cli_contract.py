@@ -274,6 +274,10 @@ ROWS: dict[str, list[Row]] = {
             "the transform scenario has no picture", "workspace"),
         row("bench --scenario live --events 1000 --plot /tmp/spr-contract.png",
             "the live scenario has no picture", "workspace"),
+        row("bench --scenario soak --soak-minutes 0", "soak durations must be positive",
+            "workspace"),
+        row("bench --scenario soak --soak-minutes long", "invalid float value: 'long'",
+            "workspace", usage=True),
     ],
 }  # fmt: skip
 

@@ -330,3 +330,36 @@ def test_foreign_events_decode_to_the_canonical_event_of_their_entity() -> None:
             assert event.event_id == f"{entity_type}:{entity:08d}:{10_000 + ref}"
     shapes = {value[:12] for _, _, value in events}
     assert len(shapes) == len(SHAPES)
+
+
+def test_rss_growth_compares_the_minute_after_warm_up_with_the_last_minute() -> None:
+    mb = 2**20
+    # 10 minutes, one sample a second: from 50 to 60 MB over the first 4 minutes, then
+    # flat at 60 MB with one 70 MB spike, and +1 MB over the last minute.
+    series = [(float(t), (50 + min(t, 240) // 24) * mb) for t in range(0, 540)]
+    series += [(float(t), 61 * mb) for t in range(540, 601)]
+    series[400] = (400.0, 70 * mb)
+    rss = report.rss_growth(series, warmup_s=300.0)
+    assert rss["samples"] == 601 and rss["start_mb"] == 50.0 and rss["peak_mb"] == 70.0
+    assert rss["at_warmup_mb"] == 60.0 and rss["end_mb"] == 61.0
+    assert rss["growth_after_warmup_mb"] == 1.0 and rss["peak_after_warmup_mb"] == 10.0
+    assert report.rss_growth([], warmup_s=300.0) == {"samples": 0}
+
+
+def test_format_report_shows_the_soak() -> None:
+    rss = {"start_mb": 50.0, "at_warmup_mb": 60.0, "end_mb": 61.0, "warmup_s": 300.0,
+           "growth_after_warmup_mb": 1.0, "peak_mb": 70.0}  # fmt: skip
+    document = {"soak": {"rate": 20000.0, "seconds": 600.0, "events": 12_000_000,
+                         "status": "ok", "rss": rss}, "ok": True}  # fmt: skip
+    text = report.format_report(document)
+    assert "soak at 20,000 events/s for 10 min" in text
+    assert "growth after warm-up 1.0 MB" in text and text.rstrip().endswith("PASSED")
+
+
+def test_the_soak_is_its_own_scenario() -> None:
+    soak = BenchOptions(bootstrap="b", dsn="d", scenario="soak", soak_seconds=60.0)
+    assert soak.runs_soak and soak.runs_state
+    assert not (soak.runs_backlog or soak.runs_live or soak.runs_latency)
+    assert not BenchOptions(bootstrap="b", dsn="d", scenario="all").runs_soak
+    with pytest.raises(ConfigError, match="soak"):
+        BenchOptions(bootstrap="b", dsn="d", scenario="soak", soak_seconds=0)

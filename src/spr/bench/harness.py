@@ -99,16 +99,16 @@ def _summarise(
     return entry
 
 
-def _stored_offsets(dsn: str, table: str, group: str) -> dict[int, int]:
+def _stored_offsets(dsn: str, table: str, group: str, topic: str) -> dict[int, int]:
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
-            sql.SQL("SELECT partition, next_offset FROM {} WHERE group_id = %s").format(
-                sql.Identifier(table)
-            ),
-            (group,),
+            sql.SQL(
+                "SELECT partition, next_offset FROM {} WHERE group_id = %s AND topic = %s"
+            ).format(sql.Identifier(table)),
+            (group, topic),
         ).fetchall()
     return {int(p): int(o) for p, o in rows}
 
@@ -152,6 +152,7 @@ def _collect_spr(
     children: list[Child],
     timeout_s: float,
     *,
+    topic: str,
     low: Mapping[int, int],
     high: Mapping[int, int],
     group: str,
@@ -203,7 +204,7 @@ def _collect_spr(
     busy = sum(r.get("flush_busy_s", 0.0) for r in results)
     if entry.get("seconds"):
         entry["flush_busy_pct"] = round(100.0 * busy / entry["seconds"] / len(results), 1)
-    stored = _stored_offsets(ws.options.dsn, ws.offsets_table, group)
+    stored = _stored_offsets(ws.options.dsn, ws.offsets_table, group, topic)
     behind = {p: high[p] - stored.get(p, low[p]) for p in high if stored.get(p, low[p]) != high[p]}
     entry["offsets_committed"] = not behind
     if behind and entry["status"] == "ok":
@@ -255,23 +256,28 @@ def _run_quix(
 
 
 def _latency_phase(
-    ws: Workspace, rate: float, seconds: float
+    ws: Workspace, rate: float, seconds: float, *, soak: bool = False
 ) -> tuple[dict[str, Any], list[float], list[tuple[float, int]]]:
+    """spr run while events are produced at a steady ``rate`` for ``seconds``.
+
+    ``soak``: the long run, about memory over time: spr's RSS is kept once a second
+    (``rss`` in the document, with its growth after the warm-up) and the per-event
+    latencies, millions of them, are not computed.
+    """
     from spr.dev.loadgen import LoadSpec, produce
 
     options = ws.options
-    topic = ws.create_topic("latency", {"message.timestamp.type": "LogAppendTime"})
+    label = "soak" if soak else "latency"
+    topic = ws.create_topic(label, {"message.timestamp.type": "LogAppendTime"})
     count = max(1, int(rate * seconds))
-    children, group, table, ready_files = _run_spr(
-        ws, topic, "latency", idle_exit_s=3.0, ready=True
-    )
+    children, group, table, ready_files = _run_spr(ws, topic, label, idle_exit_s=3.0, ready=True)
     deadline = time.monotonic() + 60
     while not any(f.exists() for f in ready_files) and time.monotonic() < deadline:
         if all(c.process.poll() is not None for c in children):
             break
         time.sleep(0.05)
-    ws.progress(f"latency: producing {count:,} events at {rate:,.0f}/s while spr consumes")
-    manifest = ws.tmp / "latency-manifest.json"
+    ws.progress(f"{label}: producing {count:,} events at {rate:,.0f}/s while spr consumes")
+    manifest = ws.tmp / f"{label}-manifest.json"
     spec = LoadSpec(
         count=count,
         entities=options.entities,
@@ -294,6 +300,7 @@ def _latency_phase(
         ws,
         children,
         _timeout(options, count),
+        topic=topic,
         low=low,
         high=high,
         group=group,
@@ -302,10 +309,10 @@ def _latency_phase(
     )
     ws.drop_table(table)
     latencies: list[float] = []
-    if records:
+    if records and not soak:
         stamps = broker_timestamps(options.bootstrap, topic, low, high)
         latencies = report.latencies_ms(records, stamps, low)
-    summary = report.latency_summary(latencies)
+    summary = {} if soak else report.latency_summary(latencies)
     document = {
         "rate": rate,
         "achieved_rate": produced.events_per_s,
@@ -320,6 +327,12 @@ def _latency_phase(
     }
     if entry.get("reason"):
         document["reason"] = entry["reason"]
+    if soak:
+        series = children[0].rss_series
+        document["seconds"] = seconds
+        document["rss"] = report.rss_growth(series, warmup_s=min(300.0, seconds / 6))
+        document["rss_series_mb"] = [(t, round(b / 2**20, 2)) for t, b in series]
+        return document, [], timeline
     if summary["count"] != count and entry["status"] == "ok":
         document["status"] = "failed"
         document["reason"] = f"latency known for {summary['count']:,} of {count:,} events"
@@ -364,6 +377,10 @@ def run_bench(
         if options.runs_live:
             document["live"] = {}
             _compare(ws, document["live"], {}, live=True)
+        if options.runs_soak:
+            soak, _, _ = _latency_phase(ws, options.latency_rate, options.soak_seconds, soak=True)
+            document["soak"] = soak
+            series["soak_rss_mb"] = soak["rss_series_mb"]
         if options.runs_latency:
             latency, values, timeline = _latency_phase(
                 ws, options.latency_rate, options.latency_seconds
@@ -382,7 +399,9 @@ def run_bench(
         for section in (document, document.get("live", {}))
         if "contenders" in section
     )
-    latency_ok = "latency" not in document or document["latency"]["status"] == "ok"
+    latency_ok = all(
+        document[name]["status"] == "ok" for name in ("latency", "soak") if name in document
+    )
     transform_ok = "transform" not in document or document["transform"]["ok"]
     document["ok"] = spr_ok and latency_ok and transform_ok
     document["elapsed_s"] = round(time.time() - started, 1)
@@ -471,16 +490,18 @@ def _compare(
     for name in CONTENDERS:
         if live and name not in LIVE_CONTENDERS:
             continue
+        # Its own processes, group and table names: live runs in the same workspace.
+        label = f"live_{name}" if live else name
         if options.skips(name):
             contenders[name] = {"status": "skipped", "reason": "--skip"}
             continue
-        ws.progress(f"running {name}")
+        ws.progress(f"running {label}")
         if name == "raw_consume":
             result = ws.launch(
                 "raw",
-                name,
+                label,
                 **common,
-                group=ws.group(name),
+                group=ws.group(label),
                 total=total,
                 start_offsets=start_offsets,
                 timeout_s=timeout,
@@ -489,20 +510,20 @@ def _compare(
             entry["note"] = "ceiling: consumption only, no processing"
             finish(name, entry, result)
         elif name == "spr":
-            children, group, table, _ = _run_spr(ws, topic, "spr", idle_exit_s=1.0)
+            children, group, table, _ = _run_spr(ws, topic, label, idle_exit_s=1.0)
             entry, _records, timeline, first_s = _collect_spr(
-                ws, children, timeout + 30, low=low, high=high, group=group, table=table,
-                expected=expected,
+                ws, children, timeout + 30, topic=topic, low=low, high=high, group=group,
+                table=table, expected=expected,
             )  # fmt: skip
             ws.drop_table(table)
             finish(name, entry, {"first_s": first_s, "timeline": timeline})
         elif name == "copy_merge":
-            table = ws.table(name)
+            table = ws.table(label)
             result = ws.launch(
                 "copy_merge",
-                name,
+                label,
                 **common,
-                group=ws.group(name),
+                group=ws.group(label),
                 table=table,
                 offsets_table=ws.offsets_table,
                 total=total,
@@ -519,9 +540,9 @@ def _compare(
                 entry["flushes"] = result.get("flushes")
             finish(name, entry, result)
         elif name == "arroyo":
-            table = ws.create_state_table(name)
+            table = ws.create_state_table(label)
             result = ws.launch(
-                "arroyo", name, **common, group=ws.group(name), table=table, total=total,
+                "arroyo", label, **common, group=ws.group(label), table=table, total=total,
                 max_rows=options.max_rows, timeout_s=timeout,
             ).wait(timeout + 30)  # fmt: skip
             entry = _judge(ws, result, expected, table, total)
@@ -540,10 +561,10 @@ def _compare(
             )
             finish(name, entry, result)
         elif name == "antipattern":
-            table = ws.create_state_table(name)
+            table = ws.create_state_table(label)
             limit = min(options.antipattern_events, total)
             result = ws.launch(
-                "antipattern", name, **common, group=ws.group(name), table=table, limit=limit,
+                "antipattern", label, **common, group=ws.group(label), table=table, limit=limit,
                 timeout_s=120.0 + limit / 100.0,
             ).wait(150.0 + limit / 100.0)  # fmt: skip
             verification = None

@@ -28,8 +28,10 @@ SKIPPABLE = (
 #: events per entity); ``live``: one event per entity, nothing to collapse, against the
 #: ceilings only; ``latency``: a steady rate, append -> commit percentiles (as
 #: ``--rate``); ``state`` (the default): ``backlog`` then ``latency``; ``transform``:
-#: spr transform against its ceiling and Quix's exactly-once mode; ``all``: every one.
-SCENARIOS = ("state", "backlog", "live", "latency", "transform", "all")
+#: spr transform against its ceiling and Quix's exactly-once mode; ``soak``: a steady
+#: rate for ``soak_seconds`` with spr's RSS sampled over time (not part of ``all``: it
+#: takes 30 minutes by default); ``all``: every other one.
+SCENARIOS = ("state", "backlog", "live", "latency", "transform", "soak", "all")
 #: The contenders of the ``live`` scenario: spr and its own ceilings on the same rows.
 LIVE_CONTENDERS = ("raw_consume", "spr", "copy_merge")
 
@@ -67,6 +69,7 @@ class BenchOptions:
     contender_timeout_s: float | None = None
     quix_build_timeout_s: float = 600.0
     scenario: str = "state"
+    soak_seconds: float = 1800.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,8 +77,10 @@ class BenchOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.latency_rate <= 0 or self.latency_seconds <= 0:
-            raise ConfigError("the latency rate and duration must be positive")
+        if self.latency_rate <= 0 or self.latency_seconds <= 0 or self.soak_seconds <= 0:
+            raise ConfigError(
+                "the latency rate and the latency and soak durations must be positive"
+            )
         unknown = set(self.skip) - set(SKIPPABLE)
         if unknown:
             raise ConfigError(
@@ -110,9 +115,13 @@ class BenchOptions:
         return self.scenario in ("state", "all") and not self.skips("latency")
 
     @property
+    def runs_soak(self) -> bool:
+        return self.scenario == "soak" and not self.latency_only
+
+    @property
     def runs_state(self) -> bool:
         """Any scenario of ``spr run`` (they need the database)."""
-        return self.runs_backlog or self.runs_live or self.runs_latency
+        return self.runs_backlog or self.runs_live or self.runs_latency or self.runs_soak
 
     @property
     def runs_transform(self) -> bool:

@@ -2,8 +2,9 @@
 
 Left: events/s over time (about 40 bins per contender, from each contender's first received message) for
 spr and every alternative that ran; the copy_merge ceiling is drawn on its database-only
-clock. Right: the cumulative distribution of broker-timestamp-to-commit latency from the
-latency phase (log scale), with p50/p99 marked. Uses matplotlib's Agg backend (no
+clock. Then, after a soak, spr's RSS over time; last, the cumulative distribution of
+broker-timestamp-to-commit latency from the latency phase (log scale), with p50/p99
+marked. Uses matplotlib's Agg backend (no
 display needed); matplotlib comes with the ``bench`` extra. Blocks; raises ConfigError
 when matplotlib is missing.
 """
@@ -45,7 +46,8 @@ def draw(document: Mapping[str, Any], series: Mapping[str, Any], path: Path) -> 
         "timelines", {}
     )
     latencies: Sequence[float] = series.get("latency_ms", [])
-    panels = int(bool(timelines)) + int(bool(latencies))
+    soak_rss: Sequence[tuple[float, float]] = series.get("soak_rss_mb", [])
+    panels = int(bool(timelines)) + int(bool(latencies)) + int(bool(soak_rss))
     if panels == 0:
         raise ConfigError("nothing to plot: no contender or latency phase ran")
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.8), squeeze=False)
@@ -81,6 +83,19 @@ def draw(document: Mapping[str, Any], series: Mapping[str, Any], path: Path) -> 
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
+    if soak_rss:
+        ax = axes[0][column]
+        column += 1
+        soak = document.get("soak", {})
+        ax.plot([t / 60 for t, _ in soak_rss], [mb for _, mb in soak_rss], color=_COLOURS["spr"])
+        warmup = soak.get("rss", {}).get("warmup_s")
+        if warmup:
+            ax.axvline(warmup / 60, linestyle=":", color="k", alpha=0.6)
+            ax.text(warmup / 60, min(mb for _, mb in soak_rss), " end of warm-up", fontsize=8)
+        ax.set_title(f"spr RSS at {soak.get('rate', 0):,.0f} events/s (soak)")
+        ax.set_xlabel("minutes since spr started")
+        ax.set_ylabel("RSS (MB)")
+        ax.grid(True, alpha=0.3)
     if latencies:
         ax = axes[0][column]
         ordered = sorted(latencies)

@@ -232,6 +232,40 @@ TRANSFORM_TARGETS: tuple[tuple[str, str, str, float], ...] = (
 )
 
 
+def rss_growth(series: Sequence[tuple[float, int]], *, warmup_s: float) -> dict[str, Any]:
+    """What a soak's RSS samples (``(seconds, bytes)``, about one a second) say: MB at
+    the start, at the end of the warm-up and at the end, the peak, and the growth after
+    the warm-up (the median of the last minute minus the median of the minute that
+    ends the warm-up, so that one sample's noise does not count)."""
+    if not series:
+        return {"samples": 0}
+
+    def mb(value: float) -> float:
+        return round(value / 2**20, 1)
+
+    def median_of(lo: float, hi: float) -> float:
+        values = sorted(b for t, b in series if lo <= t <= hi) or [
+            min(series, key=lambda s: abs(s[0] - hi))[1]
+        ]
+        return float(values[len(values) // 2])
+
+    end = series[-1][0]
+    window = min(60.0, warmup_s, max(end - warmup_s, 0.0)) or 1.0
+    at_warmup = median_of(warmup_s - window, warmup_s)
+    at_end = median_of(end - window, end)
+    after = [b for t, b in series if t >= warmup_s] or [series[-1][1]]
+    return {
+        "samples": len(series),
+        "warmup_s": warmup_s,
+        "start_mb": mb(series[0][1]),
+        "at_warmup_mb": mb(at_warmup),
+        "end_mb": mb(at_end),
+        "peak_mb": mb(max(b for _, b in series)),
+        "growth_after_warmup_mb": mb(at_end - at_warmup),
+        "peak_after_warmup_mb": mb(max(after) - at_warmup),
+    }
+
+
 def transform_ratios(rates: Mapping[str, float | None]) -> dict[str, float | None]:
     """spr transform's events/s over the ceiling's and over Quix's."""
     mine = rates.get("spr")
@@ -398,6 +432,17 @@ def format_report(document: Mapping[str, Any]) -> str:
             f"p99 {latency.get('p99_ms')} ms, p99.9 {latency.get('p999_ms')} ms, "
             f"max {latency.get('max_ms')} ms"
             + ("" if latency.get("verification", {}).get("ok", True) else "  VERIFICATION FAILED"),
+        ]
+    soak = document.get("soak")
+    if soak:
+        rss = soak.get("rss", {})
+        lines += [
+            "",
+            f"soak at {soak.get('rate', 0):,.0f} events/s for {soak.get('seconds', 0) / 60:g} min "
+            f"({soak.get('events', 0):,} events, {soak.get('status')}): RSS "
+            f"{rss.get('start_mb')} MB at start, {rss.get('at_warmup_mb')} MB after "
+            f"{rss.get('warmup_s', 0):g} s, {rss.get('end_mb')} MB at the end (growth after "
+            f"warm-up {rss.get('growth_after_warmup_mb')} MB, peak {rss.get('peak_mb')} MB)",
         ]
     transform = document.get("transform")
     if transform:

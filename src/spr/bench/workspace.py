@@ -33,20 +33,33 @@ def _rss_bytes(pid: int) -> int | None:
 class Child:
     """One contender process: its result file, and an RSS sampler thread."""
 
+    #: Seconds between the samples kept in :attr:`rss_series` (peaks use every sample).
+    SERIES_STEP_S = 1.0
+
     def __init__(self, argv: list[str], out: Path, log: Path) -> None:
         self.out = out
         self.log = log
         self.peak_sampled = 0
+        #: ``(seconds since start, RSS bytes)``, one sample per SERIES_STEP_S: the
+        #: soak scenario's memory over time.
+        self.rss_series: list[tuple[float, int]] = []
+        self._started = time.monotonic()
         with open(log, "wb") as stderr:
             self.process = subprocess.Popen(argv, stdout=stderr, stderr=stderr)
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
 
     def _sample(self) -> None:
+        # From one step in: at 0 s the process is still being exec'd (well under 1 MB).
+        next_kept = self.SERIES_STEP_S
         while self.process.poll() is None:
             rss = _rss_bytes(self.process.pid)
-            if rss is not None and rss > self.peak_sampled:
-                self.peak_sampled = rss
+            if rss is not None:
+                self.peak_sampled = max(self.peak_sampled, rss)
+                elapsed = time.monotonic() - self._started
+                if elapsed >= next_kept:
+                    self.rss_series.append((round(elapsed, 1), rss))
+                    next_kept = elapsed + self.SERIES_STEP_S
             time.sleep(0.2)
 
     def wait(self, timeout_s: float) -> dict[str, Any]:

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "live: one event per entity (nothing to collapse) against the ceilings on the same "
         "rows; latency: a steady --latency-rate, broker append -> commit percentiles; "
         "state: backlog, then latency; transform: spr transform against its ceiling and "
-        "Quix's exactly-once mode; all: every scenario (default: state)",
+        "Quix's exactly-once mode; soak: --latency-rate for --soak-minutes, spr's RSS over "
+        "time; all: every scenario but soak (default: state)",
     )
     cmd.add_argument(
         "--events", type=int, default=1_000_000, metavar="N", help="events to produce and consume"
@@ -75,6 +76,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=10.0,
         metavar="S",
         help="how long the latency phase produces",
+    )
+    cmd.add_argument(
+        "--soak-minutes",
+        type=float,
+        default=30.0,
+        metavar="M",
+        help="how long --scenario soak produces at --latency-rate, sampling spr's RSS",
     )
     cmd.add_argument(
         "--skip",
@@ -165,6 +173,7 @@ def _main(args: argparse.Namespace) -> int:
         latency_only=args.rate is not None,
         latency_rate=args.rate if args.rate is not None else args.latency_rate,
         latency_seconds=args.latency_seconds,
+        soak_seconds=args.soak_minutes * 60.0,
         antipattern_events=args.antipattern_events,
         batch_max_rows=args.batch_max_rows,
         batch_max_age_ms=args.batch_max_age_ms,
@@ -180,7 +189,9 @@ def _main(args: argparse.Namespace) -> int:
         stale=options.stale,
         value_size=options.value_size,
     )
-    if args.plot is not None and not (options.runs_backlog or options.runs_latency):
+    if args.plot is not None and not (
+        options.runs_backlog or options.runs_latency or options.runs_soak
+    ):
         raise ConfigError(
             "--plot draws the backlog scenario's rates and the latency; the "
             f"{options.scenario} scenario has no picture: use --scenario state or all, "
