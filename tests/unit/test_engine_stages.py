@@ -8,6 +8,7 @@ connection settings, and rules written more than once.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -265,3 +266,45 @@ def test_on_misrouted_stop_stops_before_anything_past_it_is_committed() -> None:
     with pytest.raises(SprError, match=r"misrouted: t\[.*--on-misrouted stop"):
         engine.run()
     assert sink.stored == {} and consumer.commits == []
+
+
+# -- the loop's wakeup on a finished flush -------------------------------------------------
+
+
+def _flushing_with(sink: FakeSink) -> Any:
+    from array import array
+
+    from spr._core_py import Batch
+    from spr.batch import STATE_COLUMNS
+    from spr.config import EngineConfig
+    from spr.engine.flushing import Flushing
+    from spr.engine.intake import PendingBatch
+
+    committed: list[Any] = []
+    flushing = Flushing(
+        EngineConfig(group_id="g", topics=("t",)),
+        clock=FakeClock(),
+        failure=FirstFailure(),
+        on_committed=lambda job, result, seconds: committed.append(result),
+    )
+    flushing.start(sink, None)  # type: ignore[arg-type]
+    batch = Batch(STATE_COLUMNS)
+    batch.advance("t", 0, 5)
+    flushing.submit(PendingBatch(batch, 0, 5, 0, array("q"), array("q")))
+    return flushing, committed
+
+
+def test_await_outcome_takes_the_flush_the_moment_it_commits() -> None:
+    sink = FakeSink()
+    sink.block.clear()
+    flushing, committed = _flushing_with(sink)
+    try:
+        flushing.await_outcome(0.01)  # still running: nothing to take yet
+        assert flushing.busy and committed == []
+        threading.Timer(0.05, sink.block.set).start()
+        flushing.await_outcome(30.0)  # returns with the outcome, not after 30 s
+        assert not flushing.busy and len(committed) == 1
+        assert committed[0].offsets == {("t", 0): 6}
+        flushing.await_outcome(30.0)  # nothing in flight: returns at once
+    finally:
+        flushing.close()

@@ -277,9 +277,11 @@ class Flushing:
         running attempt's outcome and take it. The loop's wakeup: when a waiting batch
         only waits for the flush in flight, the loop waits on that flush, not on
         ``consume()``, and hands the batch off the moment the flush commits."""
-        thread, job = self.thread, self.inflight
-        if thread is None or job is None or not job.running:
+        thread = self.thread
+        if thread is None or self.inflight is None:
             return
+        # A job waiting for its retry has no outcome to come: the wait then only paces
+        # the loop (as consume()'s timeout would), it never spins.
         try:
             outcome = thread.results.get(timeout=timeout_s)
         except queue.Empty:
