@@ -120,6 +120,7 @@ def _run_spr(
     *,
     idle_exit_s: float,
     ready: bool = False,
+    flush_record_step_s: float = 0.0,
 ) -> tuple[list[Child], str, str, list[Path]]:
     options = ws.options
     group = ws.group(label)
@@ -142,6 +143,7 @@ def _run_spr(
                 idle_exit_s=idle_exit_s,
                 batch=options.batch,
                 ready_file=str(ready_file) if ready else None,
+                flush_record_step_s=flush_record_step_s,
             )
         )
     return children, group, table, ready_files
@@ -270,7 +272,10 @@ def _latency_phase(
     label = "soak" if soak else "latency"
     topic = ws.create_topic(label, {"message.timestamp.type": "LogAppendTime"})
     count = max(1, int(rate * seconds))
-    children, group, table, ready_files = _run_spr(ws, topic, label, idle_exit_s=3.0, ready=True)
+    # The soak keeps one flush record a second: it measures spr's memory, not its own.
+    children, group, table, ready_files = _run_spr(
+        ws, topic, label, idle_exit_s=3.0, ready=True, flush_record_step_s=1.0 if soak else 0.0
+    )
     deadline = time.monotonic() + 60
     while not any(f.exists() for f in ready_files) and time.monotonic() < deadline:
         if all(c.process.poll() is not None for c in children):
