@@ -95,8 +95,28 @@ def prepare(timeout_s: float, progress: Callable[[str], None]) -> tuple[Path | N
         return None, f"Quix Streams could not be installed: {exc}"
 
 
+#: How every Quix contender script ends, after its ``try:`` block set ``result`` and
+#: ``code``: the error if any, its own peak RSS, the result file written atomically.
+SCRIPT_END = r"""except BaseException as exc:
+    traceback.print_exc()
+    result = {"error": f"{type(exc).__name__}: {exc}"}
+    code = 1
+result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+try:  # this program's own peak: ru_maxrss also counts the parent's, inherited at exec
+    with open("/proc/self/status") as f:
+        result["peak_rss_bytes"] = next(
+            int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+except (OSError, StopIteration, ValueError):
+    pass
+with open(out + ".tmp", "w") as f:
+    json.dump(result, f)
+os.replace(out + ".tmp", out)
+sys.exit(code)
+"""
+
 #: Runs in the Quix venv: ``python SCRIPT ARGS.json OUT.json``. Self-contained (no spr).
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 import json, logging, os, resource, sys, threading, time, traceback
 
 args = json.load(open(sys.argv[1]))
@@ -146,19 +166,6 @@ try:
     result = {"first_s": first[0], "timeline": timeline, "events": done[0],
               "quixstreams": quixstreams.__version__}
     code = 0
-except BaseException as exc:
-    traceback.print_exc()
-    result = {"error": f"{type(exc).__name__}: {exc}"}
-    code = 1
-result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-try:  # this program's own peak: ru_maxrss also counts the parent's, inherited at exec
-    with open("/proc/self/status") as f:
-        result["peak_rss_bytes"] = next(
-            int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-except (OSError, StopIteration, ValueError):
-    pass
-with open(out + ".tmp", "w") as f:
-    json.dump(result, f)
-os.replace(out + ".tmp", out)
-sys.exit(code)
 """
+    + SCRIPT_END
+)

@@ -18,9 +18,12 @@ commits the last transaction).
 
 from __future__ import annotations
 
+from spr.bench.quix import SCRIPT_END
+
 __all__ = ["SCRIPT"]
 
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 import hashlib, json, os, resource, sys, threading, time, traceback
 
 args = json.load(open(sys.argv[1]))
@@ -94,19 +97,6 @@ try:
               "quixstreams": quixstreams.__version__,
               "commit_interval_s": app.config.commit_interval}
     code = 0
-except BaseException as exc:
-    traceback.print_exc()
-    result = {"error": f"{type(exc).__name__}: {exc}"}
-    code = 1
-result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-try:  # this program's own peak: ru_maxrss also counts the parent's, inherited at exec
-    with open("/proc/self/status") as f:
-        result["peak_rss_bytes"] = next(
-            int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-except (OSError, StopIteration, ValueError):
-    pass
-with open(out + ".tmp", "w") as f:
-    json.dump(result, f)
-os.replace(out + ".tmp", out)
-sys.exit(code)
 """
+    + SCRIPT_END
+)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from spr.errors import ConfigError
 
@@ -185,3 +185,30 @@ def require_writable(path: str | Path) -> Path:
     if not writable:
         raise ConfigError(f"cannot write {target}: permission denied")
     return target
+
+
+_Stats = TypeVar("_Stats")
+
+
+def run_until_stopped(
+    run: Callable[[], _Stats], stop: Callable[[], None], *, server: Any = None
+) -> tuple[_Stats, float]:
+    """``run()`` with SIGTERM and SIGINT asking ``stop()`` (a graceful finish), the
+    previous handlers restored and ``server`` (a metrics endpoint) closed afterwards.
+    Returns what ``run()`` returned and the wall time it took."""
+    import signal
+    import time
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    start = time.monotonic()
+    try:
+        stats = run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if server is not None:
+            server.close()
+    return stats, time.monotonic() - start

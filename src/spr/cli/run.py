@@ -31,11 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from spr.cli.options import (
@@ -43,6 +40,7 @@ from spr.cli.options import (
     parse_kafka_overrides,
     require_kafka,
     require_writable,
+    run_until_stopped,
 )
 from spr.cli.workers import run_workers
 from spr.config import BatchPolicy, EngineConfig, load_engine_config
@@ -297,19 +295,7 @@ def run_engine(
         log.info("metrics on %s", server.url)
     engine = Engine(config, dead_letters=dead_letter_sink(config), metrics=publisher)
 
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        engine.stop()
-
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    start = time.monotonic()
-    try:
-        stats = engine.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if server is not None:
-            server.close()
-    wall = time.monotonic() - start
+    stats, wall = run_until_stopped(engine.run, engine.stop, server=server)
     active, rate = stats.active_s, stats.events_per_s
     final = {**stats.as_dict(), "elapsed_s": wall, "wall_s": wall}
     if stats_sink is not None:

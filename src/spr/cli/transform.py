@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import time
 from pathlib import Path
-from types import FrameType
 
 from spr.cli.options import (
     add_kafka_options,
@@ -25,6 +22,7 @@ from spr.cli.options import (
     kafka_settings,
     require_writable,
     resolve_bootstrap,
+    run_until_stopped,
 )
 from spr.cli.workers import run_workers
 from spr.config.transform import TransformConfig
@@ -143,19 +141,7 @@ def _run(config: TransformConfig, args: argparse.Namespace) -> int:
         publisher = MetricsPublisher(metrics)
     transformer = Transformer(config, metrics=publisher)
 
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        transformer.stop()
-
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    start = time.monotonic()
-    try:
-        stats = transformer.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if server is not None:
-            server.close()
-    wall = time.monotonic() - start
+    stats, wall = run_until_stopped(transformer.run, transformer.stop, server=server)
     if args.stats:
         Path(args.stats).write_text(json.dumps({**stats.as_dict(), "wall_s": wall}))
     active = stats.active_s
