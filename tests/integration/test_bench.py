@@ -108,14 +108,19 @@ def test_live_scenario_writes_a_row_per_event_beside_the_other_scenarios(
     workload = live["workload"]
     assert workload["events"] == workload["entities"] == workload["distinct_entities_touched"]
     assert workload["duplicates_sent"] == workload["stale_sent"] == 0
-    assert set(live["contenders"]) == {"raw_consume", "spr", "copy_merge"}
+    assert set(live["contenders"]) == {"raw_consume", "spr", "copy_merge", "plain_merge"}
     spr = live["contenders"]["spr"]
     assert spr["status"] == "ok" and spr["verification"]["ok"], spr
     assert spr["offsets_committed"] is True
     # Nothing collapses: every event consumed is a row merged.
     assert spr["stats"]["consumed"] == spr["stats"]["applied"] == 20_000
     assert live["contenders"]["copy_merge"]["verification"]["ok"]
-    assert set(live["ratios"]) == {"raw_consume", "copy_merge"}
+    # The textbook merge is a ceiling of its own, verified like the others: every event
+    # copied (nothing collapsed in the client), the guard keeping each entity's newest.
+    plain = live["contenders"]["plain_merge"]
+    assert plain["status"] == "ok" and plain["verification"]["ok"], plain
+    assert plain["flushes"] >= 1 and _number(plain["events_per_s"])
+    assert set(live["ratios"]) == {"raw_consume", "copy_merge", "plain_merge"}
     assert workload["topic"] not in _topics(bootstrap)
 
 

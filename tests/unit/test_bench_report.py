@@ -208,6 +208,7 @@ def test_bench_options_are_validated() -> None:
         BenchOptions(bootstrap="b", dsn="d", events=0)
     options = BenchOptions(bootstrap="b", dsn="d", skip=frozenset({"ceilings"}))
     assert options.skips("raw_consume") and options.skips("copy_merge")
+    assert options.skips("plain_merge")
     assert not options.skips("spr")
     assert BenchOptions(bootstrap="b", dsn="d", batch_max_rows=7).batch == {"max_rows": 7}
 

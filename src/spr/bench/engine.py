@@ -74,7 +74,10 @@ def run_spr(
     """
     from spr.config import BatchPolicy, EngineConfig, TableMapping
     from spr.engine import Engine
+    from spr.memory import bound_malloc_retention
     from spr.sink.postgres import FlushResult, PostgresSink
+
+    bound_malloc_retention()  # as spr run does (cli.options.run_until_stopped)
 
     flushes: list[tuple[float, dict[int, int]]] = []
     flush_busy = [0.0]

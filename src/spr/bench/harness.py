@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from spr.bench import report
-from spr.bench.options import CONTENDERS, LIVE_CONTENDERS, SKIPPABLE, BenchOptions, Progress
+from spr.bench.options import (
+    CONTENDERS,
+    LIVE_CONTENDERS,
+    LIVE_ONLY,
+    SKIPPABLE,
+    BenchOptions,
+    Progress,
+)
 from spr.bench.verify import Verification, compare, expected_from_topic, fetch_rows
 from spr.bench.workspace import Child, Workspace, broker_timestamps, watermarks
 from spr.errors import ServerUnavailable
@@ -493,7 +500,7 @@ def _compare(
             timelines[name] = (result.get("first_s"), [(t, n) for t, n in result["timeline"]])
 
     for name in CONTENDERS:
-        if live and name not in LIVE_CONTENDERS:
+        if (live and name not in LIVE_CONTENDERS) or (not live and name in LIVE_ONLY):
             continue
         # Its own processes, group and table names: live runs in the same workspace.
         label = f"live_{name}" if live else name
@@ -540,6 +547,21 @@ def _compare(
             entry["note"] = (
                 f"ceiling: spr's COPY -> merge flushes of {options.max_rows:,}-row batches, "
                 "database time only"
+            )
+            if "error" not in result:
+                entry["flushes"] = result.get("flushes")
+            finish(name, entry, result)
+        elif name == "plain_merge":
+            table = ws.create_state_table(label)
+            result = ws.launch(
+                "plain_merge", label, **common, group=ws.group(label), table=table,
+                offsets_table=ws.offsets_table, total=total, start_offsets=start_offsets,
+                max_rows=options.max_rows, timeout_s=timeout,
+            ).wait(timeout + 30)  # fmt: skip
+            entry = _judge(ws, result, expected, table, total)
+            entry["note"] = (
+                f"ceiling: the textbook merge (temp table per transaction, text COPY, "
+                f"DISTINCT ON) of {options.max_rows:,}-event batches, database time only"
             )
             if "error" not in result:
                 entry["flushes"] = result.get("flushes")

@@ -8,15 +8,24 @@ from typing import Any
 
 from spr.errors import ConfigError
 
-__all__ = ["CONTENDERS", "LIVE_CONTENDERS", "SCENARIOS", "SKIPPABLE", "BenchOptions", "Progress"]
+__all__ = [
+    "CONTENDERS",
+    "LIVE_CONTENDERS",
+    "LIVE_ONLY",
+    "SCENARIOS",
+    "SKIPPABLE",
+    "BenchOptions",
+    "Progress",
+]
 
 #: Contenders in the order they run and appear in the report.
-CONTENDERS = ("raw_consume", "spr", "copy_merge", "arroyo", "quix", "antipattern")
+CONTENDERS = ("raw_consume", "spr", "copy_merge", "plain_merge", "arroyo", "quix", "antipattern")
 #: Names accepted by ``--skip`` (``ceilings`` means every ceiling, ``quix`` and
 #: ``latency`` apply to both scenarios).
 SKIPPABLE = (
     "raw_consume",
     "copy_merge",
+    "plain_merge",
     "consume_produce",
     "ceilings",
     "arroyo",
@@ -32,8 +41,11 @@ SKIPPABLE = (
 #: rate for ``soak_seconds`` with spr's RSS sampled over time (not part of ``all``: it
 #: takes 30 minutes by default); ``all``: every other one.
 SCENARIOS = ("state", "backlog", "live", "latency", "transform", "soak", "all")
-#: The contenders of the ``live`` scenario: spr and its own ceilings on the same rows.
-LIVE_CONTENDERS = ("raw_consume", "spr", "copy_merge")
+#: The contenders of the ``live`` scenario: spr and its own ceilings on the same rows,
+#: with the textbook merge (``plain_merge``) that spr's database side is measured against.
+LIVE_CONTENDERS = ("raw_consume", "spr", "copy_merge", "plain_merge")
+#: Contenders of the ``live`` scenario only.
+LIVE_ONLY = ("plain_merge",)
 
 Progress = Callable[[str], None]
 
@@ -98,7 +110,8 @@ class BenchOptions:
     def skips(self, name: str) -> bool:
         if name in self.skip:
             return True
-        return name in ("raw_consume", "copy_merge", "consume_produce") and "ceilings" in self.skip
+        ceilings = ("raw_consume", "copy_merge", "plain_merge", "consume_produce")
+        return name in ceilings and "ceilings" in self.skip
 
     @property
     def runs_backlog(self) -> bool:

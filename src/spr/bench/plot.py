@@ -24,6 +24,7 @@ _COLOURS = {
     "spr": "#d62728",
     "raw_consume": "#7f7f7f",
     "copy_merge": "#bcbd22",
+    "plain_merge": "#7f7f7f",
     "arroyo": "#1f77b4",
     "quix": "#2ca02c",
     "antipattern": "#9467bd",

@@ -152,7 +152,10 @@ def run_transform(
     from spr.bench.engine import TimedConsumer
     from spr.config.transform import TransformConfig
     from spr.kafka import clients
+    from spr.memory import bound_malloc_retention
     from spr.transform import Transformer
+
+    bound_malloc_retention()  # as spr transform does (cli.options.run_until_stopped)
 
     config = TransformConfig(
         group_id=group,

@@ -8,7 +8,7 @@ JSON file of keyword arguments; ``OUT`` receives a JSON result with at least
 exits 1.
 
 ``KIND`` names the contender: ``spr`` (:mod:`spr.bench.engine`, the real engine),
-``raw`` and ``copy_merge`` (:mod:`spr.bench.ceilings`), ``antipattern`` and ``arroyo``;
+``raw``, ``copy_merge`` and ``plain_merge`` (:mod:`spr.bench.ceilings`), ``antipattern`` and ``arroyo``;
 for the transform scenario ``transform``, ``consume_produce`` and ``observe``
 (:mod:`spr.bench.relay`).
 """
@@ -42,6 +42,7 @@ def _runners() -> dict[str, Callable[..., dict[str, Any]]]:
         "observe": relay.run_observe,
         "raw": ceilings.run_raw_consume,
         "copy_merge": ceilings.run_copy_merge,
+        "plain_merge": ceilings.run_plain_merge,
         "antipattern": antipattern.run,
         "arroyo": arroyo.run,
     }

@@ -195,9 +195,14 @@ def run_until_stopped(
 ) -> tuple[_Stats, float]:
     """``run()`` with SIGTERM and SIGINT asking ``stop()`` (a graceful finish), the
     previous handlers restored and ``server`` (a metrics endpoint) closed afterwards.
-    Returns what ``run()`` returned and the wall time it took."""
+    Returns what ``run()`` returned and the wall time it took. The process is spr's
+    own, so glibc's heap is kept from hoarding freed buffers (:mod:`spr.memory`)."""
     import signal
     import time
+
+    from spr.memory import bound_malloc_retention
+
+    bound_malloc_retention()
 
     def on_signal(signum: int, frame: Any) -> None:
         stop()
