@@ -48,6 +48,14 @@ from spr.errors import ServerUnavailable
 __all__ = ["CONTENDERS", "SKIPPABLE", "BenchOptions", "run_bench", "write_json"]
 
 
+#: The database-only ceilings (spr.bench.ceilings), by contender name.
+_MERGE_NOTES = {
+    "copy_merge": "ceiling: spr's COPY -> merge flushes of {rows:,}-row batches, database time only",
+    "plain_merge": "ceiling: the textbook merge (temp table per transaction, text COPY, "
+    "DISTINCT ON) of {rows:,}-event batches, database time only",
+}
+
+
 def _judge(
     ws: Workspace,
     result: Mapping[str, Any],
@@ -529,40 +537,15 @@ def _compare(
             )  # fmt: skip
             ws.drop_table(table)
             finish(name, entry, {"first_s": first_s, "timeline": timeline})
-        elif name == "copy_merge":
-            table = ws.table(label)
-            result = ws.launch(
-                "copy_merge",
-                label,
-                **common,
-                group=ws.group(label),
-                table=table,
-                offsets_table=ws.offsets_table,
-                total=total,
-                start_offsets=start_offsets,
-                max_rows=options.max_rows,
-                timeout_s=timeout,
-            ).wait(timeout + 30)
-            entry = _judge(ws, result, expected, table, total)
-            entry["note"] = (
-                f"ceiling: spr's COPY -> merge flushes of {options.max_rows:,}-row batches, "
-                "database time only"
-            )
-            if "error" not in result:
-                entry["flushes"] = result.get("flushes")
-            finish(name, entry, result)
-        elif name == "plain_merge":
+        elif name in _MERGE_NOTES:
             table = ws.create_state_table(label)
             result = ws.launch(
-                "plain_merge", label, **common, group=ws.group(label), table=table,
+                name, label, **common, group=ws.group(label), table=table,
                 offsets_table=ws.offsets_table, total=total, start_offsets=start_offsets,
                 max_rows=options.max_rows, timeout_s=timeout,
             ).wait(timeout + 30)  # fmt: skip
             entry = _judge(ws, result, expected, table, total)
-            entry["note"] = (
-                f"ceiling: the textbook merge (temp table per transaction, text COPY, "
-                f"DISTINCT ON) of {options.max_rows:,}-event batches, database time only"
-            )
+            entry["note"] = _MERGE_NOTES[name].format(rows=options.max_rows)
             if "error" not in result:
                 entry["flushes"] = result.get("flushes")
             finish(name, entry, result)
