@@ -66,15 +66,30 @@ def test_missing_maven_is_named_with_what_to_install(
 
 
 def test_status_json_shape_without_servers(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setattr(devstack, "_port_open", lambda *a, **k: False)
+    monkeypatch.setenv("SPR_DEV_DIR", str(tmp_path))
     assert main(["dev", "status", "--json"]) == 1
     import json
 
     status = json.loads(capsys.readouterr().out)
+    node = {
+        "node": 1,
+        "address": devstack.DEFAULT_BOOTSTRAP,
+        "controller_port": devstack.CONTROLLER_PORT,
+        "roles": ["broker", "controller"],
+        "active_controller": False,
+        "pid": None,
+        "running": False,
+    }
     assert status == {
-        "kafka": {"bootstrap": devstack.DEFAULT_BOOTSTRAP, "running": False},
+        "kafka": {
+            "bootstrap": devstack.DEFAULT_BOOTSTRAP,
+            "running": False,
+            "brokers": 1,
+            "nodes": [node],
+        },
         "postgres": {"dsn": devstack.DEFAULT_DSN, "running": False},
     }
 
@@ -87,6 +102,7 @@ def test_kafka_that_dies_during_start_up_reports_the_end_of_its_log(tmp_path: Pa
     stack.paths.kafka_log.write_text("INFO starting\nERROR Invalid cluster.id in meta.properties\n")
     finished = subprocess.Popen(["true"])
     finished.wait()
+    stack.nodes[0].pid_file.write_text(str(finished.pid))
     with pytest.raises(ServerUnavailable, match=r"Invalid cluster\.id") as info:
-        stack._wait_kafka(finished.pid)
+        stack._wait_kafka(stack.nodes)
     assert "Kafka exited during start-up" in str(info.value)

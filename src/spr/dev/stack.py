@@ -3,7 +3,9 @@
 Kafka runs from the official Apache Kafka jars (``org.apache.kafka:kafka_2.13``), which
 Maven resolves from Maven Central into a per-user cache, so a second ``up`` needs no
 network. It runs in KRaft mode as one combined broker + controller on 127.0.0.1:9092,
-with a bounded heap and its log in a file.
+with a bounded heap and its log in a file. ``up --brokers 3`` runs three such nodes
+instead (ports 9092/9093, 9094/9095, 9096/9097; a static 3-voter quorum) with the
+replication production uses: replication factor 3 and ``min.insync.replicas=2``.
 
 PostgreSQL is Debian's ``postgresql`` package, run as a private cluster on
 127.0.0.1:55432 with a database ``spr``. Debian's server was chosen over the
@@ -24,7 +26,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,44 +34,52 @@ from pathlib import Path
 from spr.config.defaults import (
     DEFAULT_BOOTSTRAP,
     DEFAULT_DSN,
-    DEV_KAFKA_HOST,
-    DEV_KAFKA_PORT,
     DEV_PG_PORT,
     default_bootstrap,
     default_dsn,
 )
-from spr.errors import ServerUnavailable, SprError, ToolMissing
+from spr.dev.brokers import (
+    BROKER_COUNTS,
+    CONTROLLER_PORT,
+    KAFKA_HOST,
+    KAFKA_PORT,
+    KAFKA_VERSION,
+    LOG4J2_PROPERTIES,
+    KafkaNode,
+    active_controller,
+    cache_dir,
+    kafka_answers_metadata,
+    kafka_libs,
+    kafka_nodes,
+    kafka_properties,
+)
+from spr.dev.brokers import log_tail as _tail
+from spr.dev.brokers import require_tool as _require
+from spr.errors import ConfigError, ServerUnavailable, ToolMissing
 
 __all__ = [
+    "BROKER_COUNTS",
+    "CONTROLLER_PORT",
     "DEFAULT_BOOTSTRAP",
     "DEFAULT_DSN",
+    "KAFKA_HOST",
+    "KAFKA_PORT",
     "KAFKA_VERSION",
     "DevStack",
+    "KafkaNode",
+    "cache_dir",
     "default_bootstrap",
     "default_dsn",
     "kafka_libs",
+    "kafka_nodes",
 ]
 
-KAFKA_VERSION = "4.1.1"
-LOG4J_VERSION = "2.24.3"
-KAFKA_HOST = DEV_KAFKA_HOST
-KAFKA_PORT = DEV_KAFKA_PORT
-CONTROLLER_PORT = KAFKA_PORT + 1
 PG_PORT = DEV_PG_PORT
 
 
 _KAFKA_START_TIMEOUT_S = 120.0
 _PG_START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 30.0
-
-
-def cache_dir() -> Path:
-    """Per-user cache for the Kafka jars (``$SPR_CACHE_DIR`` or ``~/.cache/spr``)."""
-    env = os.environ.get("SPR_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "spr"
 
 
 def state_dir() -> Path:
@@ -80,13 +89,6 @@ def state_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "spr" / "dev"
-
-
-def _require(tool: str, package: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise ToolMissing(f"'{tool}' is not installed; install {package} and try again")
-    return path
 
 
 def _pg_bindir() -> Path:
@@ -140,14 +142,6 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log written)"
-    return "\n".join(text[-lines:])
-
-
 def _terminate(pid: int, timeout: float = _STOP_TIMEOUT_S) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
@@ -162,83 +156,6 @@ def _terminate(pid: int, timeout: float = _STOP_TIMEOUT_S) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-
-
-# --------------------------------------------------------------------------- Kafka
-
-_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>spr.devstack</groupId>
-  <artifactId>kafka-runtime</artifactId>
-  <version>{kafka}</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency>
-      <groupId>org.apache.kafka</groupId>
-      <artifactId>kafka_2.13</artifactId>
-      <version>{kafka}</version>
-    </dependency>
-    <dependency>
-      <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-slf4j-impl</artifactId>
-      <version>{log4j}</version>
-    </dependency>
-    <dependency>
-      <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-core</artifactId>
-      <version>{log4j}</version>
-    </dependency>
-  </dependencies>
-</project>
-"""
-
-_LOG4J2 = """status = warn
-appender.console.type = Console
-appender.console.name = STDOUT
-appender.console.layout.type = PatternLayout
-appender.console.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = INFO
-rootLogger.appenderRef.stdout.ref = STDOUT
-logger.state.name = state.change.logger
-logger.state.level = WARN
-logger.request.name = kafka.request.logger
-logger.request.level = WARN
-"""
-
-
-def kafka_libs() -> Path:
-    """The folder of Apache Kafka jars, resolved by Maven on first use and cached.
-
-    Blocks while Maven downloads (only the first time). Raises :class:`ToolMissing`
-    without ``mvn`` and :class:`SprError` with Maven's own last lines when resolution
-    fails.
-    """
-    root = cache_dir() / f"kafka-{KAFKA_VERSION}"
-    libs = root / "libs"
-    marker = root / ".complete"
-    if marker.exists():
-        return libs
-    mvn = _require("mvn", "Maven (apt-get install -y maven)")
-    _require("java", "Java 17 (apt-get install -y openjdk-17-jre-headless)")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "pom.xml").write_text(_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
-    if libs.exists():
-        shutil.rmtree(libs)
-    print(f"spr dev: resolving Apache Kafka {KAFKA_VERSION} jars with Maven ...", file=sys.stderr)
-    log = root / "mvn.log"
-    with log.open("w") as out:
-        result = subprocess.run(
-            [mvn, "-B", "-q", "dependency:copy-dependencies",
-             f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
-            cwd=root, stdout=out, stderr=subprocess.STDOUT, check=False,
-        )  # fmt: skip
-    if result.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
-        raise SprError(
-            f"Maven could not resolve org.apache.kafka:kafka_2.13:{KAFKA_VERSION}; "
-            f"its log ends with:\n{_tail(log)}"
-        )
-    marker.write_text(KAFKA_VERSION)
-    return libs
 
 
 @dataclass(frozen=True)
@@ -266,6 +183,10 @@ class _Paths:
         return self.kafka / "kafka.pid"
 
     @property
+    def brokers(self) -> Path:
+        return self.root / "kafka.brokers"
+
+    @property
     def pg_data(self) -> Path:
         # PostgreSQL refuses to run as root; its files then belong to 'postgres',
         # which cannot reach into root's home, so they live in that user's home.
@@ -282,57 +203,65 @@ class _Paths:
         return self.root / "postgres.started"
 
 
-def _kafka_properties(paths: _Paths) -> str:
-    return f"""process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@{KAFKA_HOST}:{CONTROLLER_PORT}
-listeners=PLAINTEXT://{KAFKA_HOST}:{KAFKA_PORT},CONTROLLER://{KAFKA_HOST}:{CONTROLLER_PORT}
-advertised.listeners=PLAINTEXT://{KAFKA_HOST}:{KAFKA_PORT}
-controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
-log.dirs={paths.kafka_data}
-num.partitions=1
-auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=10
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-group.coordinator.rebalance.protocols=classic,consumer
-message.max.bytes=10485760
-replica.fetch.max.bytes=10485760
-log.retention.check.interval.ms=5000
-log.segment.delete.delay.ms=1000
-num.network.threads=2
-num.io.threads=4
-"""
-
-
 # ---------------------------------------------------------------------- the stack
 
 
 class DevStack:
-    """The local Kafka + PostgreSQL pair, as files and processes under one folder."""
+    """The local Kafka + PostgreSQL pair, as files and processes under one folder.
 
-    def __init__(self, root: Path | None = None) -> None:
+    ``brokers`` is how many Kafka nodes to run (1 or 3); without it, the count the
+    folder last ran with (``up`` records it), or 1 on a fresh folder.
+    """
+
+    def __init__(self, root: Path | None = None, *, brokers: int | None = None) -> None:
         self.paths = _Paths(root or state_dir())
+        if brokers is not None and brokers not in BROKER_COUNTS:
+            raise ConfigError(f"--brokers must be 1 or 3, got {brokers}")
+        self.brokers = brokers or self.recorded_brokers() or 1
+        self.nodes = kafka_nodes(self.paths.root, self.brokers)
 
-    bootstrap = DEFAULT_BOOTSTRAP
     dsn = DEFAULT_DSN
+
+    @property
+    def bootstrap(self) -> str:
+        """Every node's client address, comma-separated (the first is node 1's)."""
+        return ",".join(node.address for node in self.nodes)
+
+    def recorded_brokers(self) -> int | None:
+        """The broker count ``up`` last recorded in the state folder, if any."""
+        count = _read_pid(self.paths.brokers)
+        return count if count in BROKER_COUNTS else None
 
     # -- status
     def kafka_running(self) -> bool:
-        return _port_open(KAFKA_HOST, KAFKA_PORT)
+        return all(_port_open(KAFKA_HOST, node.port) for node in self.nodes)
 
     def postgres_running(self) -> bool:
         return _port_open("127.0.0.1", PG_PORT)
 
     def status(self) -> dict[str, dict[str, object]]:
+        active = active_controller(
+            [n for n in self.nodes if self.broker_pid(n.node_id) is not None]
+        )
+        nodes = [
+            {
+                "node": node.node_id,
+                "address": node.address,
+                "controller_port": node.controller_port,
+                "roles": ["broker", "controller"],
+                "active_controller": node.node_id == active,
+                "pid": self.broker_pid(node.node_id),
+                "running": _port_open(KAFKA_HOST, node.port),
+            }
+            for node in self.nodes
+        ]
         return {
-            "kafka": {"bootstrap": self.bootstrap, "running": self.kafka_running()},
+            "kafka": {
+                "bootstrap": self.bootstrap,
+                "running": all(n["running"] for n in nodes),
+                "brokers": self.brokers,
+                "nodes": nodes,
+            },
             "postgres": {"dsn": self.dsn, "running": self.postgres_running()},
         }
 
@@ -341,71 +270,175 @@ class DevStack:
         """Start whatever is not running yet, and wait until both answer.
 
         Blocks up to about two minutes for Kafka and one for PostgreSQL; raises
-        :class:`ServerUnavailable` with the last lines of the log when either fails.
+        :class:`ServerUnavailable` with the last lines of the log when either fails, and
+        :class:`ConfigError` when the folder runs a different number of brokers.
         """
         self.paths.root.mkdir(parents=True, exist_ok=True)
+        recorded = self.recorded_brokers()
+        if recorded is not None and recorded != self.brokers:
+            running = [n for n in kafka_nodes(self.paths.root, recorded)
+                       if (pid := _read_pid(n.pid_file)) is not None and _pid_alive(pid)]  # fmt: skip
+            if running:
+                raise ConfigError(
+                    f"the local stack runs {recorded} Kafka broker(s); stop it with "
+                    f"'spr dev down' before starting {self.brokers}"
+                )
+        self.paths.brokers.write_text(f"{self.brokers}\n")
         self._postgres_up()
         self._kafka_up()
 
-    def _kafka_up(self) -> None:
-        paths = self.paths
-        pid = _read_pid(paths.kafka_pid)
-        if pid is not None and _pid_alive(pid):
-            self._wait_kafka(pid)
-            return
-        if self.kafka_running():
-            raise ServerUnavailable(
-                f"port {KAFKA_PORT} on {KAFKA_HOST} is taken by a process spr did not start; "
-                "stop it or point spr at it with --bootstrap"
-            )
+    def _jvm(self, node: KafkaNode) -> list[str]:
         java = _require("java", "Java 17 (apt-get install -y openjdk-17-jre-headless)")
         libs = kafka_libs()
-        paths.kafka.mkdir(parents=True, exist_ok=True)
-        paths.kafka_config.write_text(_kafka_properties(paths))
-        log4j = paths.kafka / "log4j2.properties"
-        log4j.write_text(_LOG4J2)
-        classpath = f"{libs}/*"
-        jvm = [
-            java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+        node.folder.mkdir(parents=True, exist_ok=True)
+        log4j = node.folder / "log4j2.properties"
+        log4j.write_text(LOG4J2_PROPERTIES)
+        # Three nodes share two cores and the machine with PostgreSQL: smaller heaps.
+        heap = ["-Xms256m", "-Xmx768m"] if self.brokers == 1 else ["-Xms384m", "-Xmx512m"]
+        return [
+            java, *heap, "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
             "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={log4j}", f"-Dkafka.logs.dir={paths.kafka}",
-            "-cp", classpath,
+            f"-Dlog4j2.configurationFile={log4j}", f"-Dkafka.logs.dir={node.folder}",
+            "-cp", f"{libs}/*",
         ]  # fmt: skip
-        if not (paths.kafka_data / "meta.properties").exists():
+
+    def _format(self, nodes: list[KafkaNode]) -> None:
+        """Format the storage of ``nodes`` that have none, all with the cluster's id."""
+        fresh = [n for n in nodes if not (n.data / "meta.properties").exists()]
+        if not fresh:
+            return
+        id_file = self.nodes[0].folder.parent / "cluster.id" if self.brokers > 1 else None
+        cluster_id = id_file.read_text().strip() if id_file and id_file.exists() else ""
+        if not cluster_id:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-            fmt = subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id,
-                 "--config", str(paths.kafka_config), "--ignore-formatted"],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            if fmt.returncode != 0:
-                raise ServerUnavailable(
-                    "formatting Kafka's storage failed:\n" + (fmt.stdout + fmt.stderr)[-2000:]
-                )
-        with paths.kafka_log.open("ab") as log:
+            if id_file is not None:
+                id_file.parent.mkdir(parents=True, exist_ok=True)
+                id_file.write_text(cluster_id)
+        runs = [
+            subprocess.Popen(
+                [*self._jvm(n), "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id,
+                 "--config", str(n.config), "--ignore-formatted"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for n in fresh
+        ]  # fmt: skip
+        for run in runs:
+            out, _ = run.communicate(timeout=_KAFKA_START_TIMEOUT_S)
+            if run.returncode != 0:
+                raise ServerUnavailable("formatting Kafka's storage failed:\n" + out[-2000:])
+
+    def _kafka_up(self) -> None:
+        stopped = []
+        for node in self.nodes:
+            pid = _read_pid(node.pid_file)
+            if pid is not None and _pid_alive(pid):
+                continue
+            for port in (node.port, node.controller_port) if self.brokers > 1 else (node.port,):
+                if _port_open(KAFKA_HOST, port):
+                    raise ServerUnavailable(
+                        f"port {port} on {KAFKA_HOST} is taken by a process spr did not "
+                        "start; stop it or point spr at it with --bootstrap"
+                    )
+            stopped.append(node)
+        for node in stopped:
+            node.folder.mkdir(parents=True, exist_ok=True)
+            node.config.write_text(kafka_properties(node, self.nodes))
+        self._format(stopped)
+        for node in stopped:
+            self._start_node(node)
+        self._wait_kafka(self.nodes)
+
+    def _start_node(self, node: KafkaNode) -> None:
+        jvm = self._jvm(node)
+        with node.log.open("ab") as log:
             proc = subprocess.Popen(
-                [*jvm, "kafka.Kafka", str(paths.kafka_config)],
+                [*jvm, "kafka.Kafka", str(node.config)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
-        paths.kafka_pid.write_text(str(proc.pid))
-        self._wait_kafka(proc.pid)
+        node.pid_file.write_text(str(proc.pid))
 
-    def _wait_kafka(self, pid: int) -> None:
+    def _wait_kafka(self, nodes: tuple[KafkaNode, ...]) -> None:
+        """Wait until every node of ``nodes`` answers metadata requests and the cluster
+        lists it as a broker."""
         deadline = time.monotonic() + _KAFKA_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if not _pid_alive(pid):
+        waiting = list(nodes)
+        while waiting and time.monotonic() < deadline:
+            node = waiting[0]
+            pid = _read_pid(node.pid_file)
+            if pid is None or not _pid_alive(pid):
                 raise ServerUnavailable(
-                    f"Kafka exited during start-up; the end of {self.paths.kafka_log}:\n"
-                    + _tail(self.paths.kafka_log)
+                    f"Kafka exited during start-up; the end of {node.log}:\n" + _tail(node.log)
                 )
-            if self.kafka_running() and _kafka_answers_metadata(self.bootstrap):
-                return
+            if _port_open(KAFKA_HOST, node.port) and kafka_answers_metadata(
+                node.address, {n.node_id for n in nodes}
+            ):
+                waiting.pop(0)
+                continue
             time.sleep(0.5)
-        raise ServerUnavailable(
-            f"Kafka did not answer metadata requests within {_KAFKA_START_TIMEOUT_S:.0f} s; "
-            f"the end of {self.paths.kafka_log}:\n" + _tail(self.paths.kafka_log)
-        )
+        if waiting:
+            node = waiting[0]
+            raise ServerUnavailable(
+                f"Kafka did not answer metadata requests within {_KAFKA_START_TIMEOUT_S:.0f} "
+                f"s; the end of {node.log}:\n" + _tail(node.log)
+            )
+
+    # -- one broker of several, for failover tests and demos
+    def _node(self, node_id: int) -> KafkaNode:
+        if self.brokers == 1:
+            raise ConfigError(
+                "the local stack has a single Kafka broker; start three with "
+                "'spr dev up --brokers 3' to stop or start one of them"
+            )
+        if not 1 <= node_id <= self.brokers:
+            raise ConfigError(
+                f"there is no Kafka node {node_id}; the local stack has nodes 1 to {self.brokers}"
+            )
+        return self.nodes[node_id - 1]
+
+    def broker_pid(self, node_id: int) -> int | None:
+        """The PID of Kafka node ``node_id`` when it is alive, else None."""
+        pid = _read_pid(self.nodes[node_id - 1].pid_file)
+        return pid if pid is not None and _pid_alive(pid) else None
+
+    def kill_broker(self, node_id: int) -> int:
+        """SIGKILL node ``node_id`` (by its recorded PID) and wait until it is gone;
+        returns the PID. Raises :class:`ConfigError` on a single-node stack, for a node
+        that does not exist, or for one that is not running."""
+        return self._stop_node(self._node(node_id), signal.SIGKILL)
+
+    def stop_broker(self, node_id: int) -> int:
+        """SIGTERM node ``node_id`` (a controlled shutdown: its leaderships move first)
+        and wait, up to 30 s, before SIGKILL; returns the PID. Raises like
+        :meth:`kill_broker`."""
+        return self._stop_node(self._node(node_id), signal.SIGTERM)
+
+    def _stop_node(self, node: KafkaNode, sig: signal.Signals) -> int:
+        pid = self.broker_pid(node.node_id)
+        if pid is None:
+            raise ConfigError(f"Kafka node {node.node_id} is not running")
+        if sig == signal.SIGTERM:
+            _terminate(pid)
+        else:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pid
+
+    def start_broker(self, node_id: int) -> None:
+        """Start node ``node_id`` again if it is down, and wait until the cluster lists
+        it. Blocks up to two minutes; raises :class:`ConfigError` like
+        :meth:`kill_broker` and :class:`ServerUnavailable` when it does not come up."""
+        node = self._node(node_id)
+        if self.broker_pid(node_id) is None:
+            if not (node.data / "meta.properties").exists():
+                raise ConfigError(
+                    f"Kafka node {node_id} was never set up; run 'spr dev up --brokers "
+                    f"{self.brokers}' first"
+                )
+            self._start_node(node)
+        self._wait_kafka((node,))
 
     def _pg(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(_pg_bindir() / args[0]), *args[1:]]
@@ -477,11 +510,20 @@ class DevStack:
     def down(self) -> list[str]:
         """Stop what ``up`` started, by recorded PID; returns what was stopped."""
         stopped = []
-        pid = _read_pid(self.paths.kafka_pid)
-        if pid is not None and _pid_alive(pid):
+        # Every layout the folder may hold, all nodes at once: one at a time, the last
+        # nodes of a cluster would wait for a quorum that has already left.
+        running = []
+        for count in BROKER_COUNTS:
+            for node in kafka_nodes(self.paths.root, count):
+                pid = _read_pid(node.pid_file)
+                if pid is not None and _pid_alive(pid):
+                    os.kill(pid, signal.SIGTERM)
+                    name = "kafka" if count == 1 else f"kafka node {node.node_id}"
+                    running.append((node, pid, name))
+        for node, pid, name in running:
             _terminate(pid)
-            stopped.append(f"kafka (pid {pid})")
-        self.paths.kafka_pid.unlink(missing_ok=True)
+            stopped.append(f"{name} (pid {pid})")
+            node.pid_file.unlink(missing_ok=True)
         data = self.paths.pg_data
         pg_pid = _read_pid(data / "postmaster.pid")
         if self.paths.pg_started.exists() and pg_pid is not None and _pid_alive(pg_pid):
@@ -494,20 +536,9 @@ class DevStack:
 
     # -- helpers used by tests that restart servers mid-stream
     def kafka_pid(self) -> int | None:
-        pid = _read_pid(self.paths.kafka_pid)
-        return pid if pid is not None and _pid_alive(pid) else None
+        """The PID of Kafka node 1 (the only one of a single-node stack), if alive."""
+        return self.broker_pid(1)
 
     def postgres_pid(self) -> int | None:
         pid = _read_pid(self.paths.pg_data / "postmaster.pid")
         return pid if pid is not None and _pid_alive(pid) else None
-
-
-def _kafka_answers_metadata(bootstrap: str) -> bool:
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
-    try:
-        admin.list_topics(timeout=2)
-    except Exception:
-        return False
-    return True

@@ -189,7 +189,7 @@ def measure_partition_throughput(
     connection = {**connection_settings(kafka or {}), "bootstrap.servers": bootstrap}
     admin = clients.admin_client({**connection, "socket.timeout.ms": 10_000})
     try:
-        admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[
+        admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=-1)])[
             topic
         ].result(timeout=15)
     except KafkaException as exc:
