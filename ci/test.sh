@@ -18,6 +18,13 @@ export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-$default_profile}
 bash ci/lint.sh
 spr dev up
 "$PY" -m pytest tests/unit tests/integration -p no:cacheprovider "$@"
+# Exactly-once under broker failover: a 3-node KRaft cluster of its own (ports +100, state
+# in $SPR_DEV_DIR/failover), started and stopped by the suite; about 5 minutes.
+"$PY" -m pytest tests/failover -p no:cacheprovider
+# Exactly-once through a PostgreSQL primary failover (issue 18): a primary and a streaming
+# standby of its own per test (ports $SPR_DEV_PG_PORT+200/+201), on the stack's Kafka,
+# started and stopped by the suite; about a minute. Results in build/pgfailover.
+"$PY" -m pytest tests/pgfailover -p no:cacheprovider
 # Correctness, not speed: exits non-zero unless the table matches the expected state.
 spr bench --events 100000 --entities 10000 --skip quix,antipattern,latency -q
 "$PY" -m pytest tests/bench -q -p no:cacheprovider

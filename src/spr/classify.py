@@ -6,12 +6,16 @@ class      examples                                               action (taken 
 INVALID    undecodable JSON, wrong types, missing fields,         dead-letter at once
            oversize, a key that does not match its entity
 TRANSIENT  broker/network timeouts, PostgreSQL 08xxx, 40001,      retry with backoff and full
-           40P01, 55P03, 57014, 53xxx, a lost connection          jitter, bounded
+           40P01, 55P03, 57014, 53xxx, a lost connection; a       jitter, bounded; a PostgreSQL
+           failover: 25006 (a demoted node), 57P01/57P02/57P03,   session that failed is
+           a connection lost mid-commit, an unfenced old primary  dropped, so the retry
+           (FormerPrimary)                                        reconnects to the primary
 DATA       PostgreSQL 22xxx/23xxx on a batch                      bisect; dead-letter the rows
                                                                   that fail
 FATAL      bad credentials, missing table, 42xxx, a batch whose   stop with one clear message,
            rows all fail on a column spr does not write           nothing committed
-           (SchemaMismatch), anything not in the table
+           (SchemaMismatch), offsets moved by another writer
+           (ConflictingWriter), anything not in the table
 =========  =====================================================  ==============================
 
 Two more classes name dead letters that are not errors of the event itself (design §10):
@@ -37,6 +41,7 @@ from confluent_kafka import KafkaError, KafkaException
 from spr.errors import (
     CommitsLost,
     ConfigError,
+    ConflictingWriter,
     DeadLetterUnavailable,
     InvalidEvent,
     SchemaMismatch,
@@ -222,8 +227,9 @@ KAFKA_CODES: Mapping[int, ErrorClass] = {
 # Most specific first: the first isinstance match wins.
 SPR_ERRORS: tuple[tuple[type[SprError], ErrorClass], ...] = (
     (InvalidEvent, INVALID),
-    (ServerUnavailable, TRANSIENT),
+    (ServerUnavailable, TRANSIENT),  # also FormerPrimary: an unfenced old primary
     (CommitsLost, TRANSIENT),  # consumed again from the stored offsets (synchronous_commit=off)
+    (ConflictingWriter, FATAL),  # another writer moved the offsets of an unknown commit
     (DeadLetterUnavailable, FATAL),  # design §6: when the DLQ cannot be written, stop
     (SchemaMismatch, FATAL),  # design §6: every row fails on a column spr does not write
     (ConfigError, FATAL),

@@ -10,7 +10,9 @@ from __future__ import annotations
 __all__ = [
     "CommitsLost",
     "ConfigError",
+    "ConflictingWriter",
     "DeadLetterUnavailable",
+    "FormerPrimary",
     "InvalidEvent",
     "ProducerError",
     "SchemaMismatch",
@@ -36,6 +38,21 @@ class SchemaMismatch(ConfigError):
 
 class ServerUnavailable(SprError):
     """Kafka or PostgreSQL cannot be reached; the message says which and where."""
+
+
+class FormerPrimary(ServerUnavailable):
+    """The PostgreSQL server spr connected to accepts writes but is on an older timeline
+    than one spr has already written to: a primary that came back after a failover
+    without being fenced (split brain). spr never writes to it; like any unavailable
+    server it is retried (transient), so that fencing it, or taking it out of the DSN,
+    lets spr go on with the new primary."""
+
+
+class ConflictingWriter(SprError):
+    """A commit's outcome was unknown (the connection died after COMMIT was sent), and
+    the offsets stored for its partitions are neither the batch's previous offsets nor
+    its next ones: something else writes this group's offsets. Fatal: neither applying
+    the batch again nor skipping it can be proven right."""
 
 
 class ToolMissing(SprError):

@@ -128,10 +128,56 @@ def test_an_idle_pipeline_probes_and_consumes_lost_commits_again(
     assert stats.duplicate == 0 and pipeline_of(consumer.engine_ref).commits_lost == 1
 
 
-def test_synchronous_commit_on_checks_nothing() -> None:
+def test_synchronous_commit_on_still_checks_what_a_failover_may_lose() -> None:
+    # Under synchronous_commit=on a promotion under asynchronous replication loses
+    # acknowledged commits just the same (issue 18), so the check does not depend on it.
     sink = CheckingSink()
-    script: list[Any] = [assign(("t", 0)), [ev("t", 0, 0, "a", 1)]]
+    script: list[Any] = [assign(("t", 0)), [ev("t", 0, 0, "a", 1)], [ev("t", 0, 1, "b", 1)]]
     engine, _ = make_engine(script, sink, batch=BatchPolicy(max_rows=1))
     engine.run()
     assert sink.synchronous_commit == "on"  # set explicitly, whatever the server says
-    assert sink.durable_offsets is None and sink.stored == {("t", 0): 1}
+    assert sink.durable_offsets is not None and sink.stored == {("t", 0): 2}
+
+
+def test_lost_commits_found_by_the_circuit_probe_close_the_circuit() -> None:
+    """A failover that takes long enough opens the circuit (every partition paused);
+    the half-open probe then finds the lost commits. The database answered, so the
+    circuit closes: counted as a failure it stayed open with the job dropped for the
+    replay and no flush left to probe, and the run hung (issue 18)."""
+    import psycopg
+
+    from spr.config import BreakerPolicy
+
+    class OutageSink(CheckingSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.outage = 0
+
+        def flush(self, batch: Any) -> FlushResult:
+            if self.outage:
+                self.outage -= 1
+                raise psycopg.OperationalError("server closed the connection")
+            return super().flush(batch)
+
+    sink = OutageSink()
+    breaker = BreakerPolicy(minimum_calls=2, window_size=4, cool_down=0.02)
+    script: list[Any] = [assign(("t", 0)), [ev("t", 0, 0, "a", 1), ev("t", 0, 1, "b", 1)]]
+    engine, consumer = make_engine(script, sink, batch=BatchPolicy(max_rows=2), breaker=breaker)
+
+    def failover(consumer: FakeConsumer) -> list[Msg]:
+        sink.outage = 4  # enough to open the circuit
+        sink.crash({("t", 0): 1}, ("b",))  # and the new primary lacks the last commit
+        return [ev("t", 0, 2, "c", 1)]
+
+    consumer.script.extend([
+        until(lambda: committed(consumer) == {("t", 0): 2}, "the first flush"),
+        failover,
+        until(lambda: ("t", 0, 1) in consumer.seeks, "the rewind"),
+        # A paused partition delivers nothing: the replay comes once it is resumed.
+        until(lambda: not consumer.paused, "the partition to resume"),
+        [ev("t", 0, 1, "b", 1), ev("t", 0, 2, "c", 1)],
+    ])  # fmt: skip
+    stats = engine.run()
+    assert stats.circuit_opens >= 1 and pipeline_of(consumer.engine_ref).commits_lost == 1
+    assert sink.rows == {"a": (1, "s"), "b": (1, "s"), "c": (1, "s")}
+    assert sink.stored == {("t", 0): 3}

@@ -71,7 +71,7 @@ _ERR_UNKNOWN_TOPIC = -188
 _ERR_UNKNOWN_TOPIC_OR_PART = 3
 _ERR_OFFSET_OUT_OF_RANGE = 1
 _ERR_AUTO_OFFSET_RESET = -140  # confluent_kafka.KafkaError._AUTO_OFFSET_RESET
-#: With synchronous_commit=off, how often an idle pipeline asks the database whether it
+#: How often an idle pipeline asks the database whether it
 #: still holds what was committed (a crash after the last flush loses it silently).
 DURABILITY_PROBE_S = 5.0
 
@@ -150,9 +150,12 @@ class StatePipeline:
         self.partitions_lost = 0
         self.rollbacks = 0
         self.kafka_errors = 0
-        # synchronous_commit=off: a database crash may lose acknowledged commits, which
-        # must then be consumed again (see _replay_lost_commits).
-        self._check_durable = config.synchronous_commit == "off"
+        # A database may lose commits it acknowledged: a crash under
+        # synchronous_commit=off, or a failover to a standby that had not received them
+        # (asynchronous replication, on by default in PostgreSQL). Their events must
+        # then be consumed again (see _replay_lost_commits), whatever this process's
+        # own synchronous_commit says, so the check is always on.
+        self._check_durable = True
         self._next_probe_s = 0.0
         self._writer: PostgresSink | None = None
         self.commits_lost = 0
@@ -314,16 +317,17 @@ class StatePipeline:
         self.flushing.submit(self.intake.take())
 
     def _replay_lost_commits(self) -> None:
-        """Under synchronous_commit=off: when the database lost commits it had
-        acknowledged (a crash), drop all uncommitted work and consume again from the
+        """When the database lost commits it had acknowledged (a crash under
+        synchronous_commit=off, a failover under asynchronous replication), drop all uncommitted work and consume again from the
         offsets it holds, ring forgotten, so that the lost events are applied again and
         none is skipped. Found by the flush connection when it reconnects (it refuses to
         flush past them: CommitsLost) or, while idle, by a probe every
         DURABILITY_PROBE_S."""
         writer = self._writer
         lost: dict[TopicPartitionKey, int | None] = {}
-        if writer is not None and writer.lost_commits is not None:
-            lost, writer.lost_commits = writer.lost_commits.stored, None
+        found = getattr(writer, "lost_commits", None)  # None from a sink without the check
+        if writer is not None and found is not None:
+            lost, writer.lost_commits = found.stored, None
         elif not self.busy:
             now = self.clock.monotonic()
             if now < self._next_probe_s:
@@ -347,8 +351,8 @@ class StatePipeline:
                 f"{'none' if lost[(t, p)] is None else lost[(t, p)]}"
                 for t, p in sorted(lost)
             ),
-            note="PostgreSQL lost acknowledged commits (synchronous_commit=off); "
-            "consuming them again from its offsets",
+            note="PostgreSQL lost acknowledged commits (a crash under "
+            "synchronous_commit=off, or a failover); consuming them again from its offsets",
         )
         self.positions.lower(lost)
         self.abandon()

@@ -6,6 +6,15 @@ frozen, a VM paused) is ended by the server after ``idle_in_transaction_session_
 TCP keepalives and ``tcp_user_timeout`` turn a silent network drop into an error within
 seconds instead of hours. A sink that writes batches may also set ``synchronous_commit``
 (``spr run --synchronous-commit``); it is set again on every new connection.
+
+The DSN goes to libpq as it is, so its multi-host form works everywhere
+(``host=a,b port=p,q target_session_attrs=read-write``, or
+``postgresql://u@a:p,b:q/db?target_session_attrs=read-write``): every new connection
+lands on whichever host accepts writes *now*, which is how spr follows a failover. A
+dropped session is never reused, so a failover error (a demoted node's ``25006``, an
+admin or crash shutdown) reconnects. One guard is spr's own: a primary on an older
+timeline than one this process has already written to is an old primary that came back
+unfenced (split brain), and is refused (:class:`FormerPrimary`).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import psycopg
 from psycopg import sql
 
 from spr.classify import ErrorClass, classify
-from spr.errors import ServerUnavailable
+from spr.errors import FormerPrimary, ServerUnavailable
 from spr.logs import redact
 
 __all__ = [
@@ -33,6 +42,15 @@ log = logging.getLogger("spr.sink")
 
 #: How long a flush's transaction may sit idle before the server ends it (see connect).
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000
+#: The highest timeline seen on a primary, by DSN: what a new connection must not be
+#: below (see _check_timeline). Shared by every sink of the process.
+_TIMELINES: dict[str, int] = {}
+_TIMELINES_LOCK = threading.Lock()
+# The timeline of the WAL a primary writes now; NULL on a standby (which cannot say).
+_TIMELINE_SQL = (
+    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END"
+)
+
 #: The same while rejected rows are dead-lettered inside the transaction (Kafka acks,
 #: and reading the original messages back, may take up to about a minute).
 DEAD_LETTER_IDLE_TIMEOUT_MS = 120_000
@@ -103,6 +121,7 @@ class SinkConnection:
                 f"cannot connect to PostgreSQL at {redact(self.dsn)}: {_first_line(exc)}"
             ) from exc
         try:
+            self._check_timeline(conn)
             conn.execute(
                 sql.SQL("SET statement_timeout = {}").format(
                     sql.Literal(int(self.statement_timeout_ms))
@@ -131,6 +150,35 @@ class SinkConnection:
         with self._lock:
             self._conn = conn
         return conn
+
+    def _check_timeline(self, conn: psycopg.Connection[Any]) -> None:
+        """Refuse a primary on an older timeline than one already written to here.
+
+        A promotion starts a new timeline; the old primary stays on its own. When it
+        comes back as a writer before it is fenced, libpq may pick it (it is the first
+        writable host of the DSN), and writing there would be lost, or worse, diverge.
+        A server that cannot tell (a standby, missing privileges) is not checked."""
+        try:
+            row = conn.execute(_TIMELINE_SQL).fetchone()
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error:
+            return
+        if row is None or row[0] is None:
+            return
+        timeline = int(str(row[0])[:8], 16)
+        with _TIMELINES_LOCK:
+            seen = _TIMELINES.get(self.dsn, 0)
+            if timeline >= seen:
+                _TIMELINES[self.dsn] = timeline
+                return
+        where = f"{conn.info.host}:{conn.info.port}"
+        raise FormerPrimary(
+            f"the PostgreSQL primary at {where} is on timeline {timeline}, but spr has "
+            f"already written on timeline {seen}: it is an old primary that came back after "
+            "a failover; fence it (stop it or take it out of the DSN) and spr goes on with "
+            "the new one"
+        )
 
     def close(self) -> None:
         """Close the connection (idempotent; never raises)."""

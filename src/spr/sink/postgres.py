@@ -9,7 +9,11 @@ A flush (:meth:`PostgresSink.flush`) is a single transaction of three statements
 
 Because both effects commit together and both are monotonic, a flush is idempotent: a
 replay after a crash, a retry after an ambiguous commit, or a stale owner's late batch
-(a zombie) can never regress state or offsets. Every statement runs under the
+(a zombie) can never regress state or offsets.
+
+A commit whose outcome is unknown (the connection died after ``COMMIT`` was sent) is
+resolved from the database, never guessed (:func:`commit_outcome`): once reconnected,
+the offsets stored for the batch's partitions say whether it committed. Every statement runs under the
 connection's ``statement_timeout``; every identifier is quoted with :mod:`psycopg.sql`.
 """
 
@@ -30,6 +34,13 @@ from spr.errors import CommitsLost, ConfigError, SchemaMismatch
 from spr.logs import redact
 from spr.sink.connection import DEAD_LETTER_IDLE_TIMEOUT_MS, SinkConnection
 from spr.sink.isolate import isolate_poison, shared_failure
+from spr.sink.outcome import (
+    CommitOutcome,
+    UnknownCommit,
+    commit_outcome,
+    lost_commits_error,
+    lost_offsets,
+)
 from spr.sink.schema import STAGING_TABLE, TableSchema
 
 if TYPE_CHECKING:
@@ -42,10 +53,12 @@ _Sink = TypeVar("_Sink", bound="PostgresSink")
 __all__ = [
     "STAGING_TABLE",
     "BatchLike",
+    "CommitOutcome",
     "DeadLetterRows",
     "FlushResult",
     "PostgresSink",
     "RejectedRow",
+    "commit_outcome",
     "is_transient",
     "lost_offsets",
     "redact_dsn",
@@ -183,6 +196,11 @@ class PostgresSink:
         self.durable_offsets: Mapping[tuple[str, int], int] | None = None
         #: The :class:`CommitsLost` the last check raised, until its reader clears it.
         self.lost_commits: CommitsLost | None = None
+        #: A flush whose COMMIT was sent but never answered, until a later flush of the
+        #: same batch resolves it (see :func:`commit_outcome`).
+        self._unknown_commit: UnknownCommit | None = None
+        #: How many unknown commits were resolved, by outcome (for logs and tests).
+        self.unknown_commits: dict[str, int] = {}
         self._session = SinkConnection(
             dsn,
             statement_timeout_ms=statement_timeout_ms,
@@ -245,7 +263,7 @@ class PostgresSink:
         self._session.cancel()
 
     def _on_connect(self, conn: psycopg.Connection[Any]) -> None:
-        self._create_staging(conn)
+        _create_staging(conn)
         expected = self.durable_offsets
         if expected and self.group_id:
             self._check_durable(conn, self.group_id, dict(expected))
@@ -257,35 +275,10 @@ class PostgresSink:
         # a flush on it would move the offsets past them (GREATEST), skipping their
         # events for good. Reads the stored offsets once per connection, not per flush.
         stored = _read_offsets(conn, self._offsets, group, {t for t, _ in expected})
-        lost = lost_offsets(expected, stored)
-        if not lost:
-            return
-        where = ", ".join(
-            f"{t}[{p}] is at {'no offset' if lost[(t, p)] is None else lost[(t, p)]} "
-            f"instead of {expected[(t, p)]}"
-            for t, p in sorted(lost)
-        )
-        error = CommitsLost(
-            f"PostgreSQL lost commits it had acknowledged ({where}), as a crash does under "
-            "synchronous_commit=off; their events are consumed again from Kafka",
-            stored=lost,
-            expected={key: expected[key] for key in lost},
-        )
-        self.lost_commits = error
-        raise error
-
-    def _create_staging(self, conn: psycopg.Connection[Any]) -> None:
-        # The staging table lives as long as the connection; ON COMMIT DELETE ROWS
-        # empties it after every flush, and a rollback discards it too.
-        columns = sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(COLUMN_TYPES[c]))
-            for c in STATE_COLUMNS
-        )
-        conn.execute(
-            sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
-                sql.Identifier(STAGING_TABLE), columns
-            )
-        )
+        error = lost_commits_error(expected, stored)
+        if error is not None:
+            self.lost_commits = error
+            raise error
 
     def __enter__(self) -> PostgresSink:
         self.connect()
@@ -347,10 +340,16 @@ class PostgresSink:
             raise ConfigError("the sink needs a consumer group id to store offsets")
         offsets = batch.next_offsets()
         rows = batch.row_count
+        unknown, self._unknown_commit = self._unknown_commit, None
+        if unknown is not None and unknown.offsets == offsets and self._resolve_unknown(unknown):
+            stale = unknown.rows - unknown.applied
+            return FlushResult(rows=rows, applied=unknown.applied, stale=stale, offsets=offsets)
+        previous = dict(self.durable_offsets) if self.durable_offsets is not None else None
         conn = self.connect()
+        committing = False
+        applied = 0
         try:
             with conn.transaction(), conn.cursor() as cur:
-                applied = 0
                 if rows:
                     copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {})").format(
                         sql.Identifier(STAGING_TABLE),
@@ -366,8 +365,13 @@ class PostgresSink:
                     cur.execute(self._merge_sql)
                     applied = max(cur.rowcount, 0)
                 self._upsert_offsets(cur, offsets)
+                # Leaving the block sends COMMIT: an OperationalError from here on (the
+                # connection lost, terminated, shut down) leaves the outcome unknown.
+                committing = True
         except psycopg.Error as exc:
             self._session.after_error(conn, exc)
+            if committing and isinstance(exc, psycopg.OperationalError):
+                self._unknown_commit = UnknownCommit.after(exc, offsets, previous, rows, applied)
             if not rows or classify(exc) is not ErrorClass.DATA:
                 raise
             # Before any bisection: a NOT NULL or CHECK on a column spr never writes
@@ -382,6 +386,20 @@ class PostgresSink:
             log.warning("a row of the batch was rejected (%s); isolating it", _first_line(exc))
             return self._flush_isolating(batch, offsets, dead_letter)
         return FlushResult(rows=rows, applied=applied, stale=rows - applied, offsets=offsets)
+
+    def _resolve_unknown(self, unknown: UnknownCommit) -> bool:
+        # Read on a new connection; while that fails the commit stays unknown.
+        assert self.group_id is not None
+        try:
+            stored = self.load_offsets(self.group_id, {t for t, _ in unknown.offsets})
+        except BaseException:
+            self._unknown_commit = unknown
+            raise
+        try:
+            return unknown.resolve(stored, self.group_id, self.unknown_commits)
+        except CommitsLost as exc:
+            self.lost_commits = exc
+            raise
 
     def _flush_isolating(
         self,
@@ -534,15 +552,17 @@ class PostgresSink:
             raise
 
 
-def lost_offsets(
-    expected: Mapping[tuple[str, int], int], stored: Mapping[tuple[str, int], int]
-) -> dict[tuple[str, int], int | None]:
-    """The partitions whose ``stored`` next offset is below the ``expected`` one (None
-    when nothing is stored): the database lost commits it acknowledged. A stored offset
-    above the expected one is fine (another owner went on)."""
-    return {
-        key: stored.get(key) for key, offset in expected.items() if stored.get(key, -1) < offset
-    }
+def _create_staging(conn: psycopg.Connection[Any]) -> None:
+    # The staging table lives as long as the connection; ON COMMIT DELETE ROWS
+    # empties it after every flush, and a rollback discards it too.
+    columns = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(COLUMN_TYPES[c])) for c in STATE_COLUMNS
+    )
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+            sql.Identifier(STAGING_TABLE), columns
+        )
+    )
 
 
 def _read_offsets(
