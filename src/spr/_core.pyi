@@ -22,7 +22,9 @@ __all__ = [
     "partition_key",
     "rekey",
     "route_many",
+    "sampled_traces",
     "source_fingerprint",
+    "traceparent_sampled",
 ]
 
 PROBE_WINDOW: int
@@ -122,3 +124,7 @@ def rekey(
     assigned: Container[tuple[str, int]] | None = ...,
     limits: DecodeLimits = ...,
 ) -> RekeyResult: ...
+def traceparent_sampled(value: bytes | str | None) -> bool: ...
+def sampled_traces(
+    messages: Sequence[Any], cap: int
+) -> list[tuple[bytes, bytes | None, str, int, int]]: ...

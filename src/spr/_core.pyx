@@ -93,7 +93,9 @@ __all__ = [
     "partition_key",
     "rekey",
     "route_many",
+    "sampled_traces",
     "source_fingerprint",
+    "traceparent_sampled",
 ]
 
 # Used by more than one include file.
@@ -115,3 +117,4 @@ include "_core/batch.pxi"
 include "_core/ingest.pxi"
 include "_core/rekey.pxi"
 include "_core/copy.pxi"
+include "_core/tracing.pxi"

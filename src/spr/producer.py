@@ -157,6 +157,13 @@ class Producer:
     :meth:`flush` blocks until every message is acknowledged or failed and raises
     :class:`ProducerError` when any failed since the last report. Not thread-safe: use
     one instance per thread.
+
+    ``tracing=True`` (needs the extra ``spr[otel]``, else :class:`ConfigError`) makes a
+    ``send <topic>`` span per message with the global OpenTelemetry tracer provider, and
+    injects its ``traceparent`` (and ``tracestate``) into the headers; the span ends on
+    the message's delivery report. The application configures the provider (or calls
+    :func:`spr.tracing.otel.configure`); off by default, and then nothing of
+    OpenTelemetry is imported.
     """
 
     def __init__(
@@ -166,6 +173,7 @@ class Producer:
         config: Mapping[str, Any] | None = None,
         topic: str | None = None,
         metadata_timeout_s: float = 5.0,
+        tracing: bool = False,
     ) -> None:
         if metadata_timeout_s <= 0:
             raise ConfigError(f"metadata_timeout_s must be > 0, got {metadata_timeout_s}")
@@ -182,6 +190,14 @@ class Producer:
         self._unreachable: KafkaError | None = None
         self._fatal: KafkaError | None = None
         self._closed = False
+        self._send_tracer: Any = None
+        if tracing:
+            from spr.tracing import require_otel
+
+            require_otel()
+            from spr.tracing.otel import SendTracer
+
+            self._send_tracer = SendTracer()
         full = dict(self.config)
         full["on_delivery"] = self._on_delivery
         full["error_cb"] = self._on_error
@@ -331,6 +347,9 @@ class Producer:
             ("idempotency-key", idempotency),
             ("schema-version", SCHEMA_VERSION),
         ]
+        if self._send_tracer is not None:
+            self._produce_traced(topic, key, value, headers)
+            return
         while True:
             try:
                 self._producer.produce(topic, value, key, headers=headers)
@@ -351,6 +370,39 @@ class Producer:
             break
         self._sent += 1
         # Serve delivery reports now and then without a system call per message.
+        if not self._sent & 0x3FF:
+            self._producer.poll(0)
+
+    def _produce_traced(
+        self, topic: str, key: str, value: bytes, headers: list[tuple[str, str | bytes | None]]
+    ) -> None:
+        # Tracing on: a span per message, ended by its own delivery report (a closure per
+        # message, a cost the untraced path above never pays).
+        tracer = self._send_tracer
+        span = tracer.start(topic, key, headers)
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            self._on_delivery(err, msg)
+            tracer.delivered(span, err, msg)
+
+        while True:
+            try:
+                self._producer.produce(topic, value, key, headers=headers, on_delivery=delivered)
+            except BufferError:
+                self._producer.poll(0.05)
+                continue
+            except KafkaException as exc:
+                self._errors += 1
+                self._errors_reported = self._errors
+                detail = _describe(exc)
+                tracer.failed(span, detail)
+                raise ProducerError(
+                    f"Kafka rejected a message for topic '{topic}': {detail}",
+                    failed=1,
+                    first_error=detail,
+                ) from None
+            break
+        self._sent += 1
         if not self._sent & 0x3FF:
             self._producer.poll(0)
 

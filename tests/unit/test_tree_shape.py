@@ -73,6 +73,28 @@ def test_pure_rooms_load_no_client_library() -> None:
     assert not {m for m in loaded if m.startswith("spr.dev")}
 
 
+def test_opentelemetry_is_imported_only_when_tracing_is_on() -> None:
+    """The extra ``spr[otel]`` is optional: the engine, the producer and the commands
+    load none of it until tracing is turned on, and only spr.tracing.otel imports it."""
+    loaded = _modules_after(
+        "import spr, spr.engine, spr.producer, spr.tracing, spr.cli, spr.cli.run, "
+        "spr.cli.produce, spr.cli.transform, spr.transform, spr.engine.flushing, "
+        "spr.engine.intake"
+    )
+    assert not {m for m in loaded if m.startswith("opentelemetry")}
+    importers = set()
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n == "opentelemetry" or n.startswith("opentelemetry.") for n in names):
+                importers.add(str(path.relative_to(SRC)))
+    assert importers == {"tracing/otel.py"}
+
+
 def _imports(path: Path) -> set[str]:
     """The spr modules one source file imports, anywhere in it (lazy imports count)."""
     package = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)

@@ -5,8 +5,8 @@ here and must give the same results. Nothing in it reads a clock: time enters on
 ``now_ms`` arguments.
 
 Its modules follow the seams of the compiled core's include files (``src/spr/_core/``):
-``routing``, ``fingerprints``, ``ring``, ``decode``, ``keycheck``, ``batch``, ``ingest``
-and ``copy``. The compiled core's ``message.pxi`` (reading a Kafka message's C struct)
+``routing``, ``fingerprints``, ``ring``, ``decode``, ``keycheck``, ``batch``, ``ingest``,
+``copy`` and ``tracing``. The compiled core's ``message.pxi`` (reading a Kafka message's C struct)
 has no twin: here the message's methods are called. ``ints`` holds the integer range
 checks that the compiled core gets from its C types. Import the names from this package;
 the modules are an implementation detail. ``__all__`` is the core's API, the same as
@@ -34,6 +34,7 @@ from spr._core_py.ring import (
 )
 from spr._core_py.ring import _home_slot as _home_slot
 from spr._core_py.routing import murmur2, partition_for, partition_key, route_many
+from spr._core_py.tracing import sampled_traces, traceparent_sampled
 
 __all__ = [
     "PROBE_WINDOW",
@@ -52,5 +53,7 @@ __all__ = [
     "partition_key",
     "rekey",
     "route_many",
+    "sampled_traces",
     "source_fingerprint",
+    "traceparent_sampled",
 ]

@@ -15,6 +15,7 @@ from spr.cli.options import (
     require_writable,
     resolve_bootstrap,
 )
+from spr.cli.tracing import add_otel_options, tracing_options, tracing_session
 from spr.dev.loadgen import DEFAULT_PARTITIONS, LoadSpec, produce
 from spr.errors import ConfigError
 
@@ -104,6 +105,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="progress bar even without a TTY (default: only on a TTY)",
     )
     cmd.add_argument("--json", action="store_true", help="print the report as JSON (default: text)")
+    add_otel_options(cmd, links=False)
     add_verbose_option(cmd)
     cmd.set_defaults(func=_main)
 
@@ -140,17 +142,20 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--partitions must be >= 1, got {args.partitions}")
     if args.manifest is not None:
         require_writable(args.manifest)
+    tracing_options(args)
     show = args.progress or sys.stderr.isatty()
-    report = produce(
-        spec,
-        topic=args.topic,
-        bootstrap=bootstrap,
-        partitions=args.partitions,
-        rate=args.rate,
-        producer_config=producer_config,
-        manifest_path=args.manifest,
-        progress=_progress_bar(sys.stderr) if show else None,
-    )
+    with tracing_session(args.otel, "spr-produce"):
+        report = produce(
+            spec,
+            topic=args.topic,
+            bootstrap=bootstrap,
+            partitions=args.partitions,
+            rate=args.rate,
+            producer_config=producer_config,
+            manifest_path=args.manifest,
+            progress=_progress_bar(sys.stderr) if show else None,
+            tracing=args.otel,
+        )
     if args.json:
         print(json.dumps(report.as_dict()))
     else:

@@ -42,11 +42,13 @@ from spr.cli.options import (
     require_writable,
     run_until_stopped,
 )
+from spr.cli.tracing import add_otel_options, otel_argv, tracing_options, tracing_session
 from spr.cli.workers import run_workers
 from spr.config import BatchPolicy, EngineConfig, load_engine_config
 from spr.errors import ConfigError
 from spr.kafka.clients import check_settings
 from spr.logs import configure_logging
+from spr.tracing import TracingOptions
 
 __all__ = ["check_engine_servers", "register", "run_engine", "summary"]
 
@@ -178,6 +180,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="ADDR",
         help="address of the metrics endpoint (default 127.0.0.1)",
     )
+    add_otel_options(run, links=True)
     run.add_argument(
         "--log-json", action="store_true", help="log JSON lines, INFO and up (default: text)"
     )
@@ -228,6 +231,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--metrics-window must be a positive number of seconds, got {args.metrics_window:g}"
         )
+    tracing = tracing_options(args)
     config = load_engine_config(
         file=args.config, flags=_flags(args), kafka_flags=parse_kafka_overrides(args.kafka)
     )
@@ -242,14 +246,17 @@ def _run(args: argparse.Namespace) -> int:
         with PostgresSink.from_config(config) as sink:
             sink.ensure_schema(auto_create=config.auto_create_schema)
         return run_workers("run", config.workers, lambda i: _child_argv(args, i))
-    return run_engine(
-        config,
-        command="run",
-        metrics_port=args.metrics_port,
-        metrics_addr=args.metrics_addr,
-        metrics_window_s=args.metrics_window,
-        stats_path=args.stats,
-    )
+    max_links = None if tracing is None else tracing.max_links
+    with tracing_session(tracing is not None, "spr-run", max_links=max_links):
+        return run_engine(
+            config,
+            command="run",
+            metrics_port=args.metrics_port,
+            metrics_addr=args.metrics_addr,
+            metrics_window_s=args.metrics_window,
+            stats_path=args.stats,
+            tracing=tracing,
+        )
 
 
 def check_engine_servers(config: EngineConfig) -> None:
@@ -276,12 +283,14 @@ def run_engine(
     metrics_window_s: float | None = None,
     stats_path: str | None = None,
     stats_sink: dict[str, Any] | None = None,
+    tracing: TracingOptions | None = None,
 ) -> int:
     """Run one engine until it stops (signal, ``max_events``, ``idle_exit_s``) and print
     its summary on stderr: the active rate (first message to last commit) and the wall
     time, separately. The final counters, with ``wall_s``, ``active_s`` and
     ``events_per_s`` (None when the span was too short to time), go to ``stats_path``
-    as JSON and into ``stats_sink``. Blocks; raises SprError with one sentence."""
+    as JSON and into ``stats_sink``. ``tracing`` makes flush spans (the caller sets up
+    the tracer provider). Blocks; raises SprError with one sentence."""
     from spr.dlq import dead_letter_sink
     from spr.engine import Engine
     from spr.metrics import MetricsPublisher, SprMetrics, serve
@@ -293,7 +302,9 @@ def run_engine(
         server = serve(metrics_port, metrics_addr, registry=metrics.registry)
         publisher = MetricsPublisher(metrics, variance_window_s=metrics_window_s or 60.0)
         log.info("metrics on %s", server.url)
-    engine = Engine(config, dead_letters=dead_letter_sink(config), metrics=publisher)
+    engine = Engine(
+        config, dead_letters=dead_letter_sink(config), metrics=publisher, tracing=tracing
+    )
 
     stats, wall = run_until_stopped(engine.run, engine.stop, server=server)
     active, rate = stats.active_s, stats.events_per_s
@@ -369,6 +380,7 @@ def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
         argv.append("-v")
     if args.log_json:
         argv.append("--log-json")
+    argv += otel_argv(args)
     if args.dead_letters is False:
         argv.append("--no-dlq")
     for item in args.kafka:

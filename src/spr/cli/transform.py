@@ -24,6 +24,7 @@ from spr.cli.options import (
     resolve_bootstrap,
     run_until_stopped,
 )
+from spr.cli.tracing import add_otel_options, otel_argv, tracing_options, tracing_session
 from spr.cli.workers import run_workers
 from spr.config.transform import TransformConfig
 from spr.errors import ConfigError
@@ -81,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--stats", metavar="FILE", help="write the final counters as JSON (default: none)"
     )
     add_kafka_options(p)
+    add_otel_options(p, links=False)
     add_verbose_option(p)
     p.set_defaults(func=_main)
 
@@ -118,6 +120,7 @@ def _main(args: argparse.Namespace) -> int:
     configure_logging(json=False, level=logging.INFO if args.verbose else logging.WARNING)
     logging.getLogger("spr.kafka").setLevel(logging.INFO if args.verbose else logging.CRITICAL + 1)
     args.is_worker = args.worker is not None
+    tracing_options(args)
     config = _config(args)
     if args.stats:
         require_writable(args.stats)
@@ -139,9 +142,10 @@ def _run(config: TransformConfig, args: argparse.Namespace) -> int:
         server = serve(args.metrics_port + config.worker if args.metrics_port else 0,
                        args.metrics_addr, registry=metrics.registry)  # fmt: skip
         publisher = MetricsPublisher(metrics)
-    transformer = Transformer(config, metrics=publisher)
+    transformer = Transformer(config, metrics=publisher, tracing=args.otel)
 
-    stats, wall = run_until_stopped(transformer.run, transformer.stop, server=server)
+    with tracing_session(args.otel, "spr-transform"):
+        stats, wall = run_until_stopped(transformer.run, transformer.stop, server=server)
     if args.stats:
         Path(args.stats).write_text(json.dumps({**stats.as_dict(), "wall_s": wall}))
     active = stats.active_s
@@ -190,4 +194,5 @@ def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
         argv.append("-v")
     for item in args.kafka:
         argv += ["-X", item]
+    argv += otel_argv(args)
     return argv

@@ -384,6 +384,7 @@ def produce(
     manifest_path: Path | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    tracing: bool = False,
 ) -> ProduceReport:
     """Generate ``spec`` and send it to ``topic`` through :class:`spr.Producer`.
 
@@ -393,7 +394,8 @@ def produce(
     failed; delivery failures are counted in the report (never dropped silently), and
     ``manifest_path`` (written either way) holds the expected final state per entity;
     a path that cannot be written is refused before anything is sent.
-    Raises :class:`ServerUnavailable` when no broker answers.
+    Raises :class:`ServerUnavailable` when no broker answers. ``tracing`` makes a send
+    span per message (see :class:`spr.Producer`).
     """
     from spr.producer import Producer
 
@@ -401,7 +403,7 @@ def produce(
         raise ConfigError(f"rate must be > 0 events/s, got {rate}")
     if manifest_path is not None:
         _check_manifest_path(manifest_path)
-    producer = Producer(bootstrap=bootstrap, config=producer_config)
+    producer = Producer(bootstrap=bootstrap, config=producer_config, tracing=tracing)
     created = ensure_topic(bootstrap, topic, partitions)
     partition_count = _partition_count(producer, topic)
     manifest = Manifest() if manifest_path is not None else None

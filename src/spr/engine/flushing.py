@@ -14,6 +14,9 @@ Invariants:
 * A job's outcome is reported exactly once, through ``on_committed`` for a commit; a
   job that was given up (a cancelled or stuck flush) reports nothing more: whatever it
   may still commit is harmless (the sequence guard and ``GREATEST`` on offsets).
+* With a ``tracer`` (:class:`spr.tracing.otel.BatchTracer`), each job has one span,
+  started before the job reaches the flush thread (so before its COPY) and ended once:
+  at the time the flush thread saw COMMIT return, or when the job fails or is given up.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from spr.classify import ErrorClass, classify
 from spr.clock import Clock
 from spr.config import EngineConfig
 from spr.engine.failures import FirstFailure, FlushFailed, first_line
 from spr.engine.intake import PendingBatch
-from spr.errors import SprError
+from spr.errors import CommitsLost, SprError
 from spr.logs import log_event
 from spr.retry import CircuitBreaker, CircuitState, RetryAttempt
 from spr.sink.postgres import FlushResult, PostgresSink, RejectedRow, redact_dsn
@@ -62,6 +67,7 @@ class FlushJob:
     running: bool = False
     retry: RetryAttempt | None = None
     attempt_s: float = 0.0  # when the current attempt was handed to the flush thread
+    span: Any = None  # the job's "apply batch" span when tracing is on
 
 
 @dataclass(eq=False)
@@ -71,6 +77,7 @@ class FlushOutcome:
     error: BaseException | None
     cancelled: bool
     duration_s: float
+    ended_ns: int | None = None  # wall clock when the flush returned (traced jobs only)
 
 
 class FlushThread:
@@ -130,7 +137,8 @@ class FlushThread:
             return FlushOutcome(job, None, None, True, 0.0)
         try:
             result = self.sink.flush(job.pending.batch)
-            return FlushOutcome(job, result, None, False, self.clock.monotonic() - start)
+            ended_ns = None if job.span is None else time.time_ns()
+            return FlushOutcome(job, result, None, False, self.clock.monotonic() - start, ended_ns)
         except Exception as exc:
             cancelled = job.cancel.is_set()
             return FlushOutcome(job, None, exc, cancelled, self.clock.monotonic() - start)
@@ -172,6 +180,8 @@ class Flushing:
         self.rejected = 0
         self.collapsed = 0
         self.circuit_opens = 0
+        #: Makes a span per job when set (:class:`spr.tracing.otel.BatchTracer`).
+        self.tracer: Any = None
 
     def start(self, sink: PostgresSink, dead_letter: RejectedRowsHandler | None) -> None:
         """Start the flush thread on ``sink`` (its own connection)."""
@@ -238,6 +248,8 @@ class Flushing:
             running=True,
             attempt_s=now,
         )
+        if self.tracer is not None:
+            job.span = self._start_span(pending)
         self.inflight = job
         self.thread.submit(job)
 
@@ -298,12 +310,14 @@ class Flushing:
             # Waiting for a retry: nothing of it is in the database's hands.
             job.cancel.set()
             self.inflight = None
+            self._end_span(job, "cancelled")
             return
         assert self.thread is not None
         self.thread.cancel(job)
         if not self.wait(self.clock.monotonic() + wait_s):
             job.abandoned = True
             self.inflight = None
+            self._end_span(job, "abandoned")
 
     def _drive_retry(self) -> None:
         job = self.inflight
@@ -330,6 +344,7 @@ class Flushing:
             # thread is left behind (a daemon); whatever it may still commit is harmless.
             job.cancel.set()
             job.abandoned = True
+            self._end_span(job, "abandoned")
             self.failure.fail(
                 FlushFailed(
                     f"a flush to PostgreSQL ({redact_dsn(self.config.dsn)}) has not "
@@ -345,23 +360,51 @@ class Flushing:
         job.running = False
         now = self.clock.monotonic()
         if outcome.result is not None:
+            if job.span is not None:
+                result = outcome.result
+                self._end_span(
+                    job,
+                    "committed",
+                    applied=result.applied,
+                    stale=result.stale,
+                    rejected=result.rejected,
+                    end_ns=outcome.ended_ns,
+                )
             self._committed(job, outcome.result, outcome.duration_s, now)
             return
         if outcome.cancelled:
             if job is self.inflight:
                 self.inflight = None
+            self._end_span(job, "cancelled")
             return
         error = outcome.error
         assert error is not None
         error_class = classify(error)
         if error_class is ErrorClass.TRANSIENT:
-            self.breaker.record_failure(now)
+            if isinstance(error, CommitsLost):
+                # The database answered (it holds fewer commits than acknowledged): as a
+                # circuit probe that is a success. Counted as a failure it would keep
+                # the circuit open after the pipeline drops the job to consume the lost
+                # events again, with every partition paused and no flush left to probe.
+                self.breaker.record_success(now)
+            else:
+                self.breaker.record_failure(now)
             if job.retry is None:
                 job.retry = self.retry_policy.start(job.started_s)
             delay = job.retry.next_delay(now)
             if delay is not None:
                 # The job stays in flight; poll() resubmits it, partitions paused.
                 self.flush_retries += 1
+                if job.span is not None:
+                    self.tracer.event(
+                        job.span,
+                        "retry",
+                        {
+                            "spr.retry.attempt": job.retry.attempts,
+                            "spr.retry.delay_s": delay,
+                            "error.type": type(error).__qualname__,
+                        },
+                    )
                 log.warning(
                     "flush failed (%s); retry %d in %.2f s",
                     first_line(error),
@@ -378,6 +421,7 @@ class Flushing:
             # that rejects every row): already says what happened and what to do.
             if job is self.inflight:
                 self.inflight = None
+            self._end_span(job, "failed", error=error)
             self.failure.fail(error)
             return
         elif error_class is ErrorClass.DATA:
@@ -388,6 +432,7 @@ class Flushing:
             message = f"a flush to PostgreSQL failed: {first_line(error)}"
         if job is self.inflight:
             self.inflight = None
+        self._end_span(job, "failed", error=error)
         self.failure.fail(FlushFailed(message, error))
 
     def _committed(self, job: FlushJob, result: FlushResult, duration_s: float, now: float) -> None:
@@ -405,6 +450,25 @@ class Flushing:
         self.flush_seconds_last = duration_s
         self.flush_seconds_max = max(self.flush_seconds_max, duration_s)
         self.on_committed(job, result, duration_s)
+
+    # -- tracing ------------------------------------------------------------------------
+
+    def _start_span(self, pending: PendingBatch) -> Any:
+        batch = pending.batch
+        return self.tracer.start(
+            links=pending.links or (),
+            messages=pending.messages,
+            events=pending.events,
+            rows=batch.row_count,
+            duplicates=pending.duplicates,
+            invalid=pending.invalid,
+            partitions=list(batch.next_offsets()),
+        )
+
+    def _end_span(self, job: FlushJob, outcome: str, **details: Any) -> None:
+        span, job.span = job.span, None
+        if span is not None:
+            self.tracer.end(span, outcome, **details)
 
     def _on_circuit_change(self, old: CircuitState, new: CircuitState) -> None:
         if new is CircuitState.OPEN and old is CircuitState.CLOSED:

@@ -12,6 +12,9 @@ Invariants:
   them at once (one ``_reset``), so nothing of a dropped batch rides on the next one.
 * Dropping a batch clears the ring too: a fingerprint remembered for an event that was
   never written would turn its redelivery into a loss.
+* Tracing off (``trace_links`` None, the default) reads no header at all; on, the
+  headers are read only until the batch holds ``cap`` sampled trace contexts
+  (:class:`spr.tracing.TraceLinks`), which ride with the batch like its counts.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from spr.batch import STATE_COLUMNS, Batch
 from spr.config import BatchPolicy
 from spr.decode import DecodeLimits
 from spr.dedup import IdempotencyRing
+from spr.tracing import TraceLink, TraceLinks
 
 __all__ = ["Intake", "PendingBatch"]
 
@@ -46,6 +50,8 @@ class PendingBatch:
     invalid: int
     timestamps: array[int]
     weights: array[int]
+    duplicates: int = 0
+    links: list[TraceLink] | None = None
 
 
 class Intake:
@@ -78,6 +84,8 @@ class Intake:
         self.partition_events: dict[TopicPartitionKey, int] = {}
         self.last_message_s = 0.0
         self.first_message_s: float | None = None
+        #: The sampled events' trace contexts of the waiting batch (None: tracing off).
+        self.trace_links: TraceLinks | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -85,6 +93,9 @@ class Intake:
         self.since_s: float | None = None
         self.messages = 0
         self.invalid = 0
+        self.duplicates = 0
+        if self.trace_links is not None:
+            self.trace_links.take()
         self._timestamps: array[int] = array("q")
         self._weights: array[int] = array("q")
 
@@ -116,6 +127,7 @@ class Intake:
             self.since_s = now_s
         self.consumed += consumed
         self.duplicate += result.duplicates
+        self.duplicates += result.duplicates
         self.messages += consumed
         self.invalid += len(result.invalid) + len(result.misrouted_letters)
         counts = self.partition_events
@@ -123,6 +135,9 @@ class Intake:
             counts[key] = counts.get(key, 0) + events
         if self.sample_latency:
             self._sample(messages, consumed)
+        links = self.trace_links
+        if links is not None and not links.full:
+            links.collect(messages)
         return result
 
     def advance(self, topic: str, partition: int, offset: int, now_s: float) -> None:
@@ -184,6 +199,8 @@ class Intake:
             invalid=self.invalid,
             timestamps=self._timestamps,
             weights=self._weights,
+            duplicates=self.duplicates,
+            links=None if self.trace_links is None else self.trace_links.take(),
         )
         self._reset()
         return pending

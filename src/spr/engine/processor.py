@@ -29,6 +29,7 @@ from spr.kafka import clients
 from spr.kafka.admin import unreachable
 from spr.metrics import MetricsPublisher
 from spr.retry import CircuitState
+from spr.tracing import TraceLinks, TracingOptions, require_otel
 
 __all__ = ["Engine"]
 
@@ -58,7 +59,9 @@ class Engine:
     (fakes); ``dead_letters`` receives invalid messages and rejected rows (see
     :class:`~spr.engine.deadletters.DeadLetterSink`); without it they are only counted,
     and a rejected row stops the engine. ``metrics`` gets the engine's counters about
-    once a second (and once more on shutdown).
+    once a second (and once more on shutdown). ``tracing`` (needs the extra
+    ``spr[otel]``) makes an "apply batch" span per flush with the global OpenTelemetry
+    tracer provider, linked to the sampled events it carries (:mod:`spr.tracing`).
     """
 
     def __init__(
@@ -72,8 +75,10 @@ class Engine:
         decode_limits: DecodeLimits = DEFAULT_LIMITS,
         metrics: MetricsPublisher | None = None,
         admin_factory: AdminFactory | None = None,
+        tracing: TracingOptions | None = None,
     ) -> None:
         self.config = config
+        self._tracing = tracing
         self.clock: Clock = clock or SystemClock()
         self._consumer_factory = consumer_factory or clients.consumer
         self._sink_factory = sink_factory
@@ -180,6 +185,8 @@ class Engine:
             config.stall_after_s,
             watermarks=lambda keys: pipeline.positions.admin.watermarks(keys),
         )
+        if self._tracing is not None:
+            self._trace(pipeline, self._tracing)
         pipeline.flush_listeners.append(self._flushed)
         pipeline.on_reassigned = self._reassigned
         try:
@@ -348,6 +355,20 @@ class Engine:
     def _reassigned(self, keys: list[tuple[str, int]]) -> None:
         assert self.pausing is not None
         self.pausing.assigned(keys, hold=bool(self.pausing.paused) or self._holding())
+
+    def _trace(self, pipeline: StatePipeline, options: TracingOptions) -> None:
+        require_otel()
+        from spr.tracing.otel import BatchTracer, samples_nothing
+
+        config = self.config
+        pipeline.flushing.tracer = BatchTracer(
+            group=config.group_id,
+            topics=config.topics,
+            table=str(config.mapping.state_name),
+            dsn=config.dsn,
+        )
+        if options.collect and options.max_links > 0 and not samples_nothing():
+            pipeline.intake.trace_links = TraceLinks(options.max_links)
 
     # -- metrics --------------------------------------------------------------------------
 

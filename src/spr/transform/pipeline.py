@@ -135,6 +135,8 @@ class TransformPipeline:
         self._last_commit_s: float | None = None
         #: Called with the number of records of each committed transaction.
         self.commit_listeners: list[Callable[[int], None]] = []
+        #: Continues sampled traces into the output (:class:`spr.tracing.otel.TransformTracer`).
+        self.tracer: Any = None
 
     def open(self) -> None:
         """Register the transactional producer with its coordinator (fencing any older
@@ -175,11 +177,16 @@ class TransformPipeline:
             self._begin()
         produce = self.producer.produce
         topic = self.config.output_topic
-        for key, value, partition, headers in result.records:
-            try:
-                produce(topic, value, key, partition=partition, headers=headers)
-            except BufferError:
-                self._produce_when_room(topic, value, key, partition, headers)
+        if self.tracer is not None:
+            self.tracer.produce_all(
+                produce, self._produce_when_room, topic, messages, result.records
+            )
+        else:
+            for key, value, partition, headers in result.records:
+                try:
+                    produce(topic, value, key, partition=partition, headers=headers)
+                except BufferError:
+                    self._produce_when_room(topic, value, key, partition, headers)
         stats.produced += len(result.records)
         self.transaction_records += len(result.records)
         for message, reason in result.invalid:

@@ -33,7 +33,8 @@ class Transformer:
     """Runs one transform worker. :meth:`run` blocks and returns the final
     :class:`TransformStats`; it raises SprError (one sentence) when a server is missing,
     a setting is wrong, or the producer was fenced. ``consumer_factory`` and
-    ``producer_factory`` are test seams."""
+    ``producer_factory`` are test seams. ``tracing`` (the extra ``spr[otel]``) continues
+    the sampled input events' traces into their output records."""
 
     def __init__(
         self,
@@ -43,8 +44,10 @@ class Transformer:
         clock: Clock | None = None,
         consumer_factory: ClientFactory | None = None,
         producer_factory: ClientFactory | None = None,
+        tracing: bool = False,
     ) -> None:
         self.config = config
+        self.tracing = tracing
         self.metrics = metrics
         self.clock: Clock = clock or SystemClock()
         self._consumer_factory = consumer_factory or clients.consumer
@@ -94,6 +97,13 @@ class Transformer:
             output_partitions=partitions,
             clock=self.clock,
         )
+        if self.tracing:
+            from spr.tracing import require_otel
+
+            require_otel()
+            from spr.tracing.otel import TransformTracer
+
+            pipeline.tracer = TransformTracer()
         self.pipeline = pipeline
         telemetry = self._telemetry(admin)
         # Every output record is a tuple and a list of headers, a few hundred thousand a
