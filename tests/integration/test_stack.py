@@ -46,7 +46,7 @@ def test_broker_is_apache_kafka_in_kraft_mode(admin: AdminClient, stack: DevStac
     assert "zookeeper.connect" not in config or config["zookeeper.connect"].value is None
     assert cluster.controller is not None and cluster.controller.id == node.id
     # The cluster metadata lives in the KRaft metadata log, not in ZooKeeper.
-    metadata_log = stack.paths.kafka_data / "__cluster_metadata-0"
+    metadata_log = stack.nodes[0].data / "__cluster_metadata-0"
     assert any(metadata_log.glob("*.log"))
 
 

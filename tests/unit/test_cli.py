@@ -98,8 +98,8 @@ def test_kafka_that_dies_during_start_up_reports_the_end_of_its_log(tmp_path: Pa
     from spr.errors import ServerUnavailable
 
     stack = devstack.DevStack(tmp_path)
-    stack.paths.kafka.mkdir(parents=True)
-    stack.paths.kafka_log.write_text("INFO starting\nERROR Invalid cluster.id in meta.properties\n")
+    stack.nodes[0].folder.mkdir(parents=True)
+    stack.nodes[0].log.write_text("INFO starting\nERROR Invalid cluster.id in meta.properties\n")
     finished = subprocess.Popen(["true"])
     finished.wait()
     stack.nodes[0].pid_file.write_text(str(finished.pid))

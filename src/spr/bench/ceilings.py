@@ -48,6 +48,24 @@ def _consumer(bootstrap: str, group: str, topic: str, start_offsets: dict[str, i
     return consumer
 
 
+def _decoded(consumer: Any, total: int, deadline: float) -> Any:
+    """``(message, event, offset)`` for each of the next ``total`` records (``event`` None
+    when the value does not decode), until ``deadline`` on the monotonic clock."""
+    from spr.decode import decode_batch
+
+    received = 0
+    while received < total and time.monotonic() < deadline:
+        messages = [m for m in consumer.consume(10_000, 0.5) if m.error() is None]
+        if not messages:
+            continue
+        received += len(messages)
+        offsets = [m.offset() for m in messages]
+        events, _invalid = decode_batch(
+            [m.value() for m in messages], offsets, [m.timestamp()[1] for m in messages]
+        )
+        yield from zip(messages, events, offsets, strict=True)
+
+
 def run_raw_consume(
     *,
     topic: str,
@@ -93,7 +111,6 @@ def run_copy_merge(
     """Flush the topic's events as spr would, timing only the database work."""
     from spr.batch import STATE_COLUMNS, Batch
     from spr.config import TableMapping
-    from spr.decode import decode_batch
     from spr.sink.postgres import PostgresSink
 
     sink = PostgresSink(
@@ -106,7 +123,6 @@ def run_copy_merge(
     busy = 0.0
     flushes = 0
     rows = 0
-    received = 0
     batch = Batch(STATE_COLUMNS)
     pending = 0
 
@@ -123,25 +139,15 @@ def run_copy_merge(
         batch = Batch(STATE_COLUMNS)
         pending = 0
 
-    deadline = time.monotonic() + timeout_s
     try:
-        while received < total and time.monotonic() < deadline:
-            messages = [m for m in consumer.consume(10_000, 0.5) if m.error() is None]
-            if not messages:
-                continue
-            received += len(messages)
-            offsets = [m.offset() for m in messages]
-            events, _invalid = decode_batch(
-                [m.value() for m in messages], offsets, [m.timestamp()[1] for m in messages]
-            )
-            for message, event, offset in zip(messages, events, offsets, strict=True):
-                if event is None:
-                    batch.advance(topic, message.partition(), offset)
-                else:
-                    batch.add(event, topic, message.partition(), offset)
-                pending += 1
-                if batch.row_count >= max_rows:
-                    flush()
+        for message, event, offset in _decoded(consumer, total, time.monotonic() + timeout_s):
+            if event is None:
+                batch.advance(topic, message.partition(), offset)
+            else:
+                batch.add(event, topic, message.partition(), offset)
+            pending += 1
+            if batch.row_count >= max_rows:
+                flush()
         if pending:
             flush()
     finally:
@@ -170,8 +176,6 @@ def run_plain_merge(
 
     import psycopg
     from psycopg import sql
-
-    from spr.decode import decode_batch
 
     columns = sql.SQL(
         "entity_type, entity_id, sequence, state, event_id, payload, event_ts, "
@@ -231,31 +235,22 @@ def run_plain_merge(
         rows, pending = [], 0
         next_offsets.clear()
 
-    deadline = time.monotonic() + timeout_s
     try:
-        while recorder.done + pending < total and time.monotonic() < deadline:
-            messages = [m for m in consumer.consume(10_000, 0.5) if m.error() is None]
-            if not messages:
-                continue
-            offsets = [m.offset() for m in messages]
-            events, _invalid = decode_batch(
-                [m.value() for m in messages], offsets, [m.timestamp()[1] for m in messages]
-            )
-            for message, event, offset in zip(messages, events, offsets, strict=True):
-                partition = message.partition()
-                next_offsets[partition] = offset + 1
-                pending += 1
-                if event is not None:
-                    stamp = event.timestamp_ms
-                    rows.append((
-                        event.entity_type, event.entity_id, event.sequence, event.state,
-                        event.event_id, bytes(event.payload).decode(),
-                        datetime.fromtimestamp(stamp / 1000, tz=timezone.utc)
-                        if stamp >= 0 else None,
-                        topic, partition, offset,
-                    ))  # fmt: skip
-                if pending >= max_rows:
-                    flush()
+        for message, event, offset in _decoded(consumer, total, time.monotonic() + timeout_s):
+            partition = message.partition()
+            next_offsets[partition] = offset + 1
+            pending += 1
+            if event is not None:
+                stamp = event.timestamp_ms
+                rows.append((
+                    event.entity_type, event.entity_id, event.sequence, event.state,
+                    event.event_id, bytes(event.payload).decode(),
+                    datetime.fromtimestamp(stamp / 1000, tz=timezone.utc)
+                    if stamp >= 0 else None,
+                    topic, partition, offset,
+                ))  # fmt: skip
+            if pending >= max_rows:
+                flush()
         if pending:
             flush()
     finally:

@@ -162,25 +162,7 @@ def _terminate(pid: int, timeout: float = _STOP_TIMEOUT_S) -> None:
 class _Paths:
     root: Path
 
-    @property
-    def kafka(self) -> Path:
-        return self.root / "kafka"
-
-    @property
-    def kafka_data(self) -> Path:
-        return self.kafka / "data"
-
-    @property
-    def kafka_config(self) -> Path:
-        return self.kafka / "server.properties"
-
-    @property
-    def kafka_log(self) -> Path:
-        return self.kafka / "kafka.log"
-
-    @property
-    def kafka_pid(self) -> Path:
-        return self.kafka / "kafka.pid"
+    # The Kafka nodes' own folders: spr.dev.brokers.kafka_nodes.
 
     @property
     def brokers(self) -> Path:
