@@ -5,8 +5,8 @@ Run: ``.venv/bin/python -m benchmarks.tracing_overhead [--events N] [--rounds R]
 
 The ``spr bench`` workload (``confluent_kafka.Message`` objects, every one carrying a
 ``traceparent`` header; with ``--bootstrap``, records really sent and consumed back,
-which is what the engine sees: their header lists are still librdkafka's) goes through the engine's :class:`~spr.engine.intake.Intake`
-in ``consume()``-sized chunks, a batch handed off whenever it is full, with a flush span
+which is what the engine sees: their header lists are still librdkafka's) goes through
+the engine's :class:`~spr.engine.intake.Intake` in ``consume()``-sized chunks, a batch handed off whenever it is full, with a flush span
 started and ended per batch where the mode has one. The modes run alternately, R rounds
 each, so that a noisy machine slows them alike:
 

@@ -71,8 +71,8 @@ _ERR_UNKNOWN_TOPIC = -188
 _ERR_UNKNOWN_TOPIC_OR_PART = 3
 _ERR_OFFSET_OUT_OF_RANGE = 1
 _ERR_AUTO_OFFSET_RESET = -140  # confluent_kafka.KafkaError._AUTO_OFFSET_RESET
-#: How often an idle pipeline asks the database whether it
-#: still holds what was committed (a crash after the last flush loses it silently).
+#: How often an idle pipeline asks the database whether it still holds what was
+#: committed (a crash or a failover after the last flush loses it silently).
 DURABILITY_PROBE_S = 5.0
 
 
@@ -318,11 +318,11 @@ class StatePipeline:
 
     def _replay_lost_commits(self) -> None:
         """When the database lost commits it had acknowledged (a crash under
-        synchronous_commit=off, a failover under asynchronous replication), drop all uncommitted work and consume again from the
-        offsets it holds, ring forgotten, so that the lost events are applied again and
-        none is skipped. Found by the flush connection when it reconnects (it refuses to
-        flush past them: CommitsLost) or, while idle, by a probe every
-        DURABILITY_PROBE_S."""
+        synchronous_commit=off, a failover under asynchronous replication), drop all
+        uncommitted work and consume again from the offsets it holds, ring forgotten, so
+        that the lost events are applied again and none is skipped. Found by the flush
+        connection when it reconnects (it refuses to flush past them: CommitsLost) or,
+        while idle, by a probe every DURABILITY_PROBE_S."""
         writer = self._writer
         lost: dict[TopicPartitionKey, int | None] = {}
         found = getattr(writer, "lost_commits", None)  # None from a sink without the check

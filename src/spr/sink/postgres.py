@@ -13,8 +13,9 @@ replay after a crash, a retry after an ambiguous commit, or a stale owner's late
 
 A commit whose outcome is unknown (the connection died after ``COMMIT`` was sent) is
 resolved from the database, never guessed (:func:`commit_outcome`): once reconnected,
-the offsets stored for the batch's partitions say whether it committed. Every statement runs under the
-connection's ``statement_timeout``; every identifier is quoted with :mod:`psycopg.sql`.
+the offsets stored for the batch's partitions say whether it committed. Every statement
+runs under the connection's ``statement_timeout``; every identifier is quoted with
+:mod:`psycopg.sql`.
 """
 
 from __future__ import annotations
