@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -347,12 +347,27 @@ class Producer:
             ("idempotency-key", idempotency),
             ("schema-version", SCHEMA_VERSION),
         ]
-        if self._send_tracer is not None:
-            self._produce_traced(topic, key, value, headers)
-            return
+        # Tracing on: a span per message, ended by its own delivery report (a closure per
+        # message, a cost the untraced path never pays).
+        tracer = self._send_tracer
+        span: Any = None
+        delivered: Callable[[KafkaError | None, Any], None] | None = None
+        if tracer is not None:
+            span = tracer.start(topic, key, headers)
+
+            def traced(err: KafkaError | None, msg: Any) -> None:
+                self._on_delivery(err, msg)
+                tracer.delivered(span, err, msg)
+
+            delivered = traced
         while True:
             try:
-                self._producer.produce(topic, value, key, headers=headers)
+                if delivered is None:
+                    self._producer.produce(topic, value, key, headers=headers)
+                else:
+                    self._producer.produce(
+                        topic, value, key, headers=headers, on_delivery=delivered
+                    )
             except BufferError:
                 # The local queue is full: serve delivery reports until there is room.
                 # Never drop the message.
@@ -362,6 +377,8 @@ class Producer:
                 self._errors += 1
                 self._errors_reported = self._errors
                 detail = _describe(exc)
+                if tracer is not None:
+                    tracer.failed(span, detail)
                 raise ProducerError(
                     f"Kafka rejected a message for topic '{topic}': {detail}",
                     failed=1,
@@ -370,39 +387,6 @@ class Producer:
             break
         self._sent += 1
         # Serve delivery reports now and then without a system call per message.
-        if not self._sent & 0x3FF:
-            self._producer.poll(0)
-
-    def _produce_traced(
-        self, topic: str, key: str, value: bytes, headers: list[tuple[str, str | bytes | None]]
-    ) -> None:
-        # Tracing on: a span per message, ended by its own delivery report (a closure per
-        # message, a cost the untraced path above never pays).
-        tracer = self._send_tracer
-        span = tracer.start(topic, key, headers)
-
-        def delivered(err: KafkaError | None, msg: Any) -> None:
-            self._on_delivery(err, msg)
-            tracer.delivered(span, err, msg)
-
-        while True:
-            try:
-                self._producer.produce(topic, value, key, headers=headers, on_delivery=delivered)
-            except BufferError:
-                self._producer.poll(0.05)
-                continue
-            except KafkaException as exc:
-                self._errors += 1
-                self._errors_reported = self._errors
-                detail = _describe(exc)
-                tracer.failed(span, detail)
-                raise ProducerError(
-                    f"Kafka rejected a message for topic '{topic}': {detail}",
-                    failed=1,
-                    first_error=detail,
-                ) from None
-            break
-        self._sent += 1
         if not self._sent & 0x3FF:
             self._producer.poll(0)
 

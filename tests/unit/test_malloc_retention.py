@@ -12,8 +12,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 _PROBE = r"""
 import ctypes, sys
 from spr.memory import bound_malloc_retention
@@ -48,12 +46,10 @@ def _probe(mode: str, **env: str) -> list[str]:
     return out.stdout.split()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_pinned_threshold_keeps_big_buffers_in_their_own_mappings() -> None:
     assert _probe("pinned") == ["set", "mapped"]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_without_it_glibc_serves_the_same_buffer_from_the_heap() -> None:
     # The behaviour spr.memory exists to turn off: after a big block is freed, the
     # dynamic threshold puts every smaller big buffer in the heap.
