@@ -157,6 +157,7 @@ def open_stream(cluster: Cluster, name: str, seconds: int, tmp: Path, seed: int)
 
 
 def _assert_replicated(cluster: Cluster, topic: str) -> None:
+    from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import ConfigResource, ResourceType
 
     admin = cluster.admin()
@@ -170,7 +171,20 @@ def _assert_replicated(cluster: Cluster, topic: str) -> None:
 
     wait_for(replicated, 30, f"{topic} to have {PARTITIONS} partitions of 3 replicas")
     resource = ConfigResource(ResourceType.TOPIC, topic)
-    config = admin.describe_configs([resource])[resource].result(timeout=10)
+    config: dict = {}
+
+    def described() -> bool:
+        # The broker the admin client asks may be a different one again, and
+        # answer UNKNOWN_TOPIC_OR_PART until the topic's metadata reaches it.
+        try:
+            config.update(admin.describe_configs([resource])[resource].result(timeout=10))
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+            return False
+        return True
+
+    wait_for(described, 30, f"every broker to describe {topic}")
     assert config["min.insync.replicas"].value == "2"
     assert config["unclean.leader.election.enable"].value == "false"
 
