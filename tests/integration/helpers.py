@@ -159,6 +159,13 @@ def spr_run_argv(
     return argv + list(extra)
 
 
+def run_to_idle(argv: list[str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """Run a command that ends by itself (``spr run --idle-exit``); fails unless it exits 0."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as handle:
         return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT)

@@ -22,6 +22,7 @@ from helpers import (
     produce_in_background,
     produce_load,
     produce_raw,
+    run_to_idle,
     spr_run_argv,
     start,
     stop,
@@ -33,12 +34,6 @@ from psycopg import sql
 from spr.dev.loadgen import LoadSpec
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_to_idle(argv: list[str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def test_run_applies_everything_exactly_once(

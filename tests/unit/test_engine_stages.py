@@ -287,7 +287,7 @@ def _flushing_with(sink: FakeSink) -> Any:
         failure=FirstFailure(),
         on_committed=lambda job, result, seconds: committed.append(result),
     )
-    flushing.start(sink, None)  # type: ignore[arg-type]
+    flushing.start([sink], None)  # type: ignore[arg-type]
     batch = Batch(STATE_COLUMNS)
     batch.advance("t", 0, 5)
     flushing.submit(PendingBatch(batch, 0, 5, 0, array("q"), array("q")))

@@ -338,7 +338,7 @@ def test_one_span_per_flush_with_its_retries_as_events() -> None:
     )
     tracer = RecordingTracer()
     flushing.tracer = tracer
-    flushing.start(sink, None)  # type: ignore[arg-type]
+    flushing.start([sink], None)  # type: ignore[arg-type]
     try:
         batch = Batch(STATE_COLUMNS)
         batch.advance("t", 0, 5)

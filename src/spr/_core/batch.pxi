@@ -9,6 +9,12 @@ cdef Py_ssize_t _MAX_FIELD = 0x7FFFFFFF
 cdef Py_ssize_t _ROW_OVERHEAD = _ROW_OVERHEAD_BYTES
 
 
+cdef int _check_lane(Py_ssize_t lane, Py_ssize_t lanes) except -1:
+    if lanes < 1 or not 0 <= lane < lanes:
+        raise ValueError(f"lane must be in [0, lanes) with lanes >= 1, got {lane} of {lanes}")
+    return 0
+
+
 @cython.final
 cdef class Batch:
     """The rows of one flush, collapsed to the newest event per entity.
@@ -305,17 +311,32 @@ cdef class Batch:
 
     # -- reading ----------------------------------------------------------------------
 
-    def rows(self):
+    def count_rows(self, Py_ssize_t lane=0, Py_ssize_t lanes=1):
+        """How many rows belong to ``lane``: their partition % ``lanes`` is ``lane``."""
+        cdef Py_ssize_t row, count = 0
+        _check_lane(lane, lanes)
+        if lanes == 1:
+            return self.nrows
+        for row in range(self.nrows):
+            if self.rows_[row].partition % lanes == lane:
+                count += 1
+        return count
+
+    def rows(self, Py_ssize_t lane=0, Py_ssize_t lanes=1):
         """The collapsed rows as Python values in ``columns`` order. ``payload`` is the
-        JSON text (str); ``event_ts`` an aware UTC datetime, or None when unknown."""
+        JSON text (str); ``event_ts`` an aware UTC datetime, or None when unknown. With
+        ``lanes``, only the rows of ``lane`` (see :meth:`count_rows`)."""
         cdef Py_ssize_t row, i
         cdef list result = []
         cdef Row *r
         cdef const char *base
         cdef int64_t ts
         cdef Py_ssize_t at
+        _check_lane(lane, lanes)
         for row in range(self.nrows):
             r = &self.rows_[row]
+            if lanes > 1 and r.partition % lanes != lane:
+                continue
             base = self.arena + r.start
             values = []
             for i in range(self.ncols):
@@ -350,27 +371,35 @@ cdef class Batch:
             result.append(tuple(values))
         return result
 
-    def copy_data(self):
+    def copy_data(self, Py_ssize_t lane=0, Py_ssize_t lanes=1):
         """The whole ``COPY ... FROM STDIN (FORMAT binary)`` stream for the rows:
-        header, one tuple per row in ``columns`` order, trailer."""
-        return _render(self, 0, self.nrows, True, True)
+        header, one tuple per row in ``columns`` order, trailer. With ``lanes``, only
+        the rows of ``lane`` (see :meth:`count_rows`)."""
+        _check_lane(lane, lanes)
+        return _render(self, 0, self.nrows, True, True, lane, lanes)
 
-    def copy_chunks(self, Py_ssize_t chunk_bytes=1 << 20):
-        """``copy_data()`` in pieces of about ``chunk_bytes`` (whole rows; a row larger
-        than that is a piece of its own): their concatenation is ``copy_data()``. For
-        streaming COPY without holding the whole stream in memory at once."""
-        cdef Py_ssize_t row = 0, first, size
+    def copy_chunks(self, Py_ssize_t chunk_bytes=1 << 20, Py_ssize_t lane=0,
+                    Py_ssize_t lanes=1):
+        """``copy_data(lane, lanes)`` in pieces of about ``chunk_bytes`` (whole rows; a
+        row larger than that is a piece of its own): their concatenation is
+        ``copy_data(lane, lanes)``. For streaming COPY without holding the whole stream
+        in memory at once."""
+        cdef Py_ssize_t row = 0, first, size, taken
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        _check_lane(lane, lanes)
         while True:
             first = row
             size = 0
+            taken = 0
             while row < self.nrows:
-                size += self._row_size(row)
-                if size > chunk_bytes and row > first:
-                    break
+                if lanes == 1 or self.rows_[row].partition % lanes == lane:
+                    size += self._row_size(row)
+                    if size > chunk_bytes and taken:
+                        break
+                    taken += 1
                 row += 1
-            yield _render(self, first, row, first == 0, row == self.nrows)
+            yield _render(self, first, row, first == 0, row == self.nrows, lane, lanes)
             if row == self.nrows:
                 return
 

@@ -31,9 +31,10 @@ cdef int64_t _PG_EPOCH_MS = 946684800000  # 2000-01-01T00:00:00Z
 
 
 cdef bytes _render(Batch batch, Py_ssize_t first, Py_ssize_t last, bint header,
-                   bint trailer):
-    # Rows [first, last) of the batch, with the header and/or trailer when asked:
-    # copy_data() is one call over every row, copy_chunks() one call per chunk.
+                   bint trailer, Py_ssize_t lane=0, Py_ssize_t lanes=1):
+    # Rows [first, last) of the batch that belong to ``lane`` (partition % lanes), with
+    # the header and/or trailer when asked: copy_data() is one call over every row,
+    # copy_chunks() one call per chunk.
     cdef Py_ssize_t row, i, rows = last
     cdef Py_ssize_t total, size
     cdef Row *r
@@ -56,6 +57,8 @@ cdef bytes _render(Batch batch, Py_ssize_t first, Py_ssize_t last, bint header,
             total += 2
         for row in range(first, rows):
             r = &batch.rows_[row]
+            if lanes > 1 and r.partition % lanes != lane:
+                continue
             total += 2 + 4 * batch.ncols
             for i in range(batch.ncols):
                 code = batch.codes[i]
@@ -87,6 +90,8 @@ cdef bytes _render(Batch batch, Py_ssize_t first, Py_ssize_t last, bint header,
             p += size
         for row in range(first, rows):
             r = &batch.rows_[row]
+            if lanes > 1 and r.partition % lanes != lane:
+                continue
             base = batch.arena + r.start
             p = spr_put_be16(p, batch.ncols)
             for i in range(batch.ncols):

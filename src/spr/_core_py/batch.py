@@ -179,25 +179,45 @@ class Batch:
         """``(topic, partition) -> highest offset seen + 1``, for the offsets table."""
         return dict(self._next)
 
-    def rows(self) -> list[tuple[Any, ...]]:
+    def count_rows(self, lane: int = 0, lanes: int = 1) -> int:
+        """How many rows belong to ``lane``: their partition % ``lanes`` is ``lane``."""
+        return len(self._lane(lane, lanes))
+
+    def rows(self, lane: int = 0, lanes: int = 1) -> list[tuple[Any, ...]]:
         """The collapsed rows as Python values in ``columns`` order. ``payload`` is the
-        JSON text (str); ``event_ts`` an aware UTC datetime, or None when unknown."""
+        JSON text (str); ``event_ts`` an aware UTC datetime, or None when unknown. With
+        ``lanes``, only the rows of ``lane`` (see :meth:`count_rows`)."""
         columns = self._columns
         return [
             tuple(_python_value(c, event, topic, partition, offset) for c in columns)
-            for event, topic, partition, offset in self._rows
+            for event, topic, partition, offset in self._lane(lane, lanes)
         ]
 
-    def copy_data(self) -> bytes:
+    def copy_data(self, lane: int = 0, lanes: int = 1) -> bytes:
         """The whole ``COPY ... FROM STDIN (FORMAT binary)`` stream for the rows:
-        header, one tuple per row in ``columns`` order, trailer."""
-        return _copy_data(self._rows, self._columns)
+        header, one tuple per row in ``columns`` order, trailer. With ``lanes``, only
+        the rows of ``lane`` (see :meth:`count_rows`)."""
+        return _copy_data(self._lane(lane, lanes), self._columns)
 
-    def copy_chunks(self, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
-        """``copy_data()`` in pieces of about ``chunk_bytes`` (whole rows; a row larger
-        than that is a piece of its own): their concatenation is ``copy_data()``. For
-        streaming COPY without holding the whole stream in memory at once."""
-        return _copy_chunks(self._rows, self._columns, chunk_bytes)
+    def copy_chunks(
+        self, chunk_bytes: int = 1 << 20, lane: int = 0, lanes: int = 1
+    ) -> Iterator[bytes]:
+        """``copy_data(lane, lanes)`` in pieces of about ``chunk_bytes`` (whole rows; a
+        row larger than that is a piece of its own): their concatenation is
+        ``copy_data(lane, lanes)``. For streaming COPY without holding the whole stream
+        in memory at once."""
+        # A generator: the arguments are checked on the first next(), chunk_bytes
+        # first, as the compiled core does.
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        yield from _copy_chunks(self._lane(lane, lanes), self._columns, chunk_bytes)
+
+    def _lane(self, lane: int, lanes: int) -> list[tuple[Event, str, int, int]]:
+        if lanes < 1 or not 0 <= lane < lanes:
+            raise ValueError(f"lane must be in [0, lanes) with lanes >= 1, got {lane} of {lanes}")
+        if lanes == 1:
+            return self._rows
+        return [row for row in self._rows if row[2] % lanes == lane]
 
     def clear(self) -> None:
         """Drop every row, offset and counter; the columns stay."""

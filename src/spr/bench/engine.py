@@ -8,6 +8,7 @@ and the first assignment. Everything else is the engine's own code path.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,7 @@ def run_spr(
     batch: dict[str, int] | None = None,
     ready_file: str | None = None,
     flush_record_step_s: float = 0.0,
+    flush_connections: int | None = None,
     **_: Any,
 ) -> dict[str, Any]:
     """Run the engine until the group has no lag; return flush records and stats.
@@ -83,18 +85,22 @@ def run_spr(
     flush_busy = [0.0]
     step_started = [0.0]
 
+    recording = threading.Lock()  # the flush lanes record from their own threads
+
     class RecordingSink(PostgresSink):
         def flush(self, batch: Any) -> FlushResult:
             started = time.perf_counter()
             result = super().flush(batch)
-            flush_busy[0] += time.perf_counter() - started
+            ended = time.perf_counter()
             now = time.time()
             offsets = {p: o for (_, p), o in result.offsets.items()}
-            if flushes and now - step_started[0] < flush_record_step_s:
-                flushes[-1] = (now, {**flushes[-1][1], **offsets})
-            else:
-                flushes.append((now, offsets))
-                step_started[0] = now
+            with recording:
+                flush_busy[0] += ended - started
+                if flushes and now - step_started[0] < flush_record_step_s:
+                    flushes[-1] = (now, {**flushes[-1][1], **offsets})
+                else:
+                    flushes.append((now, offsets))
+                    step_started[0] = now
             return result
 
     config = EngineConfig(
@@ -106,6 +112,7 @@ def run_spr(
         batch=BatchPolicy(**batch) if batch else BatchPolicy(),
         auto_create_schema=True,
         idle_exit_s=idle_exit_s,
+        flush_connections=flush_connections,
     )
     recorder = Recorder()
     ready = Path(ready_file) if ready_file else None
@@ -132,6 +139,6 @@ def run_spr(
         stats=stats.as_dict(),
         started_s=started,
         ended_s=ended,
-        flush_busy_s=flush_busy[0],
+        flush_busy_s=flush_busy[0] / config.lanes,  # one lane's share
         batch=dict(batch or {}),
     )

@@ -41,8 +41,15 @@ from spr.bench.options import (
     BenchOptions,
     Progress,
 )
-from spr.bench.verify import Verification, compare, expected_from_topic, fetch_rows
+from spr.bench.verify import (
+    Verification,
+    compare,
+    expected_from_topic,
+    fetch_rows,
+    stored_offsets,
+)
 from spr.bench.workspace import Child, Workspace, broker_timestamps, watermarks
+from spr.config.engine import default_flush_connections
 from spr.errors import ServerUnavailable
 
 __all__ = ["CONTENDERS", "SKIPPABLE", "BenchOptions", "run_bench", "write_json"]
@@ -114,20 +121,6 @@ def _summarise(
     return entry
 
 
-def _stored_offsets(dsn: str, table: str, group: str, topic: str) -> dict[int, int]:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            sql.SQL(
-                "SELECT partition, next_offset FROM {} WHERE group_id = %s AND topic = %s"
-            ).format(sql.Identifier(table)),
-            (group, topic),
-        ).fetchall()
-    return {int(p): int(o) for p, o in rows}
-
-
 def _run_spr(
     ws: Workspace,
     topic: str,
@@ -159,6 +152,7 @@ def _run_spr(
                 batch=options.batch,
                 ready_file=str(ready_file) if ready else None,
                 flush_record_step_s=flush_record_step_s,
+                flush_connections=options.flush_connections,
             )
         )
     return children, group, table, ready_files
@@ -221,7 +215,7 @@ def _collect_spr(
     busy = sum(r.get("flush_busy_s", 0.0) for r in results)
     if entry.get("seconds"):
         entry["flush_busy_pct"] = round(100.0 * busy / entry["seconds"] / len(results), 1)
-    stored = _stored_offsets(ws.options.dsn, ws.offsets_table, group, topic)
+    stored = stored_offsets(ws.options.dsn, ws.offsets_table, group, topic)
     behind = {p: high[p] - stored.get(p, low[p]) for p in high if stored.get(p, low[p]) != high[p]}
     entry["offsets_committed"] = not behind
     if behind and entry["status"] == "ok":
@@ -386,6 +380,7 @@ def run_bench(
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "options": {
             "workers": options.workers,
+            "flush_connections": options.flush_connections or default_flush_connections(),
             "batch": options.batch or "engine defaults",
             "skip": sorted(options.skip),
             "scenario": options.scenario,

@@ -70,6 +70,7 @@ class BenchOptions:
     value_size: int = 200
     seed: int = 0
     workers: int = 1
+    flush_connections: int | None = None  # None: spr run's default
     skip: frozenset[str] = frozenset()
     latency_only: bool = False
     latency_rate: float = 10_000.0
@@ -85,8 +86,17 @@ class BenchOptions:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("events", "entities", "partitions", "workers", "antipattern_events"):
+        for name in (
+            "events",
+            "entities",
+            "partitions",
+            "workers",
+            "flush_connections",
+            "antipattern_events",
+        ):
             value = getattr(self, name)
+            if name == "flush_connections" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.latency_rate <= 0 or self.latency_seconds <= 0 or self.soak_seconds <= 0:

@@ -34,6 +34,7 @@ __all__ = [
     "compare",
     "expected_from_topic",
     "fetch_rows",
+    "stored_offsets",
 ]
 
 # (sequence, state, event_id) per "entity_type:entity_id".
@@ -208,3 +209,18 @@ def expected_from_topic(
         key: {"sequence": seq, "state": state, "event_id": event_id}
         for key, (seq, state, event_id) in newest.items()
     }
+
+
+def stored_offsets(dsn: str, table: str, group: str, topic: str) -> dict[int, int]:
+    """The next offsets ``group`` stored for ``topic`` in the offsets ``table``."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT partition, next_offset FROM {} WHERE group_id = %s AND topic = %s"
+            ).format(sql.Identifier(table)),
+            (group, topic),
+        ).fetchall()
+    return {int(p): int(o) for p, o in rows}

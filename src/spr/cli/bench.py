@@ -56,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     cmd.add_argument("--seed", type=int, default=0, help="same seed, same events")
     cmd.add_argument("--workers", type=int, default=1, metavar="N", help="spr processes")
     cmd.add_argument(
+        "--flush-connections",
+        type=int,
+        metavar="N",
+        help="flush connections per spr process (default: spr run's, see "
+        "spr run --flush-connections)",
+    )
+    cmd.add_argument(
         "--rate",
         type=float,
         default=None,
@@ -169,6 +176,7 @@ def _main(args: argparse.Namespace) -> int:
         stale=args.stale,
         seed=args.seed,
         workers=args.workers,
+        flush_connections=args.flush_connections,
         skip=frozenset(skip),
         latency_only=args.rate is not None,
         latency_rate=args.rate if args.rate is not None else args.latency_rate,

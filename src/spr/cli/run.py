@@ -151,6 +151,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "remote_apply",
     )
     run.add_argument(
+        "--flush-connections",
+        type=int,
+        metavar="N",
+        help="PostgreSQL connections a batch is flushed over at once, each writing the "
+        "rows and offsets of its share of the partitions in its own transaction "
+        "(default: 2 where this process may run on two cores or more, else 1); the "
+        "database merges on one core per connection, and a batch below "
+        "flush_split_rows (5,000) rows is never split",
+    )
+    run.add_argument(
         "--on-offset-gap",
         choices=("fail", "earliest", "latest"),
         help="when retention deleted unapplied events: stop (default: fail) or skip the gap",
@@ -212,6 +222,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "on_offset_gap": args.on_offset_gap,
         "on_misrouted": args.on_misrouted,
         "synchronous_commit": args.synchronous_commit,
+        "flush_connections": args.flush_connections,
     }
 
 
@@ -360,6 +371,7 @@ def _child_argv(args: argparse.Namespace, index: int) -> list[str]:
         "--on-offset-gap": args.on_offset_gap,
         "--on-misrouted": args.on_misrouted,
         "--synchronous-commit": args.synchronous_commit,
+        "--flush-connections": args.flush_connections,
         # One endpoint per worker: consecutive ports (0 lets each pick a free one).
         "--metrics-port": (
             None

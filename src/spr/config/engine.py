@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -14,7 +15,15 @@ from spr.config.policies import BackpressurePolicy, BatchPolicy, positive
 from spr.errors import ConfigError
 from spr.retry import BreakerPolicy, RetryPolicy
 
-__all__ = ["DLQ_SUFFIX", "ON_MISROUTED", "SYNCHRONOUS_COMMIT", "EngineConfig", "dlq_topic_for"]
+__all__ = [
+    "DLQ_SUFFIX",
+    "MAX_FLUSH_CONNECTIONS",
+    "ON_MISROUTED",
+    "SYNCHRONOUS_COMMIT",
+    "EngineConfig",
+    "default_flush_connections",
+    "dlq_topic_for",
+]
 
 _ON_OFFSET_GAP = ("fail", "earliest", "latest")
 ON_MISROUTED = ("auto", "apply", "dead-letter", "stop")
@@ -35,6 +44,21 @@ def dlq_topic_for(source_topic: str, dlq_topic: str | None = None) -> str:
     if dlq_topic is None:
         return source_topic + DLQ_SUFFIX
     return dlq_topic.replace("{topic}", source_topic)
+
+
+#: More flush connections than this only take connection slots from the server.
+MAX_FLUSH_CONNECTIONS = 64
+
+
+def default_flush_connections() -> int:
+    """Two flush connections where this process may run on two cores or more, else one:
+    a second connection only pays when the server can merge on a second core, and the
+    batches it splits are the large ones of full speed (``flush_split_rows``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 2 if cores >= 2 else 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +97,14 @@ class EngineConfig:
     kafka: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     statement_timeout_ms: int = 30_000
     synchronous_commit: str = "on"
+    # Connections (and threads) a batch is flushed over at once, each writing the rows
+    # and offsets of its share of the partitions in its own transaction
+    # (spr.engine.lanes): one server core merges per connection. None: two where this
+    # process may run on two cores or more, else one.
+    flush_connections: int | None = None
+    # A batch of fewer rows goes over one connection, in one transaction: below full
+    # speed batches are small, and one commit (one WAL flush) beats two for latency.
+    flush_split_rows: int = 5_000
     connect_timeout_s: float = 5.0
     flush_retry_s: float = 60.0
     revoke_budget_ms: int | None = None
@@ -101,6 +133,12 @@ class EngineConfig:
     dead_letters: bool = True
     dlq_topic: str | None = None
 
+    @property
+    def lanes(self) -> int:
+        """``flush_connections`` as resolved (never None once built)."""
+        assert self.flush_connections is not None
+        return self.flush_connections
+
     def __post_init__(self) -> None:
         if not self.group_id:
             raise ConfigError("a consumer group is required (--group)")
@@ -115,6 +153,8 @@ class EngineConfig:
         object.__setattr__(
             self, "kafka", MappingProxyType({str(k): str(v) for k, v in self.kafka.items()})
         )
+        if self.flush_connections is None:
+            object.__setattr__(self, "flush_connections", default_flush_connections())
         for name in (
             "statement_timeout_ms",
             "connect_timeout_s",
@@ -125,8 +165,15 @@ class EngineConfig:
             "ring_ttl_ms",
             "workers",
             "stall_after_s",
+            "flush_connections",
+            "flush_split_rows",
         ):
             positive(name, getattr(self, name))
+        if self.lanes > MAX_FLUSH_CONNECTIONS:
+            raise ConfigError(
+                f"flush_connections must be at most {MAX_FLUSH_CONNECTIONS}, "
+                f"got {self.flush_connections}"
+            )
         for name in ("revoke_budget_ms", "idle_exit_s", "max_events"):
             value = getattr(self, name)
             if value is not None:

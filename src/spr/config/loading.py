@@ -33,6 +33,8 @@ _INT_KEYS = {
     "ring_ttl_ms",
     "max_events",
     "workers",
+    "flush_connections",
+    "flush_split_rows",
 }
 _FLOAT_KEYS = {"connect_timeout_s", "flush_retry_s", "idle_exit_s"}
 
@@ -45,6 +47,7 @@ _ENV: dict[str, tuple[str, str]] = {
     "SPR_TABLE": ("table", "name"),
     "SPR_STATEMENT_TIMEOUT_MS": ("engine", "statement_timeout_ms"),
     "SPR_SYNCHRONOUS_COMMIT": ("engine", "synchronous_commit"),
+    "SPR_FLUSH_CONNECTIONS": ("engine", "flush_connections"),
     "SPR_AUTO_CREATE_SCHEMA": ("engine", "auto_create_schema"),
     "SPR_BATCH_MAX_ROWS": ("batch", "max_rows"),
     "SPR_BATCH_MAX_BYTES": ("batch", "max_bytes"),

@@ -1,14 +1,16 @@
 """Flushing: one batch in flight, retried with backoff, behind a circuit breaker.
 
-A flush is one PostgreSQL transaction (rows and offsets together, :class:`PostgresSink`).
-It runs on a dedicated thread with its own connection, so that the loop gathers and
-decodes the next batch meanwhile (design §4: fetch and write overlap).
+A flush is one PostgreSQL transaction per flush lane (rows and offsets together,
+:class:`PostgresSink`; one lane unless ``flush_connections`` says more, see
+:mod:`spr.engine.lanes`). It runs on dedicated threads with their own connections, so
+that the loop gathers and decodes the next batch meanwhile (design §4: fetch and write
+overlap).
 
 Invariants:
 
 * At most one job is in flight, and jobs run in submission order, so flushes commit in
   order.
-* The flush thread never retries by itself: each attempt's outcome comes back to the
+* The flush threads never retry by themselves: each attempt's outcome comes back to the
   loop's thread, which classifies the error (:func:`spr.classify.classify`), feeds the
   circuit breaker and decides when to try again, while the loop keeps polling.
 * A job's outcome is reported exactly once, through ``on_committed`` for a commit; a
@@ -16,7 +18,7 @@ Invariants:
   may still commit is harmless (the sequence guard and ``GREATEST`` on offsets).
 * With a ``tracer`` (:class:`spr.tracing.otel.BatchTracer`), each job has one span,
   started before the job reaches the flush thread (so before its COPY) and ended once:
-  at the time the flush thread saw COMMIT return, or when the job fails or is given up.
+  at the time the last lane saw COMMIT return, or when the job fails or is given up.
 """
 
 from __future__ import annotations
@@ -24,9 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from spr.classify import ErrorClass, classify
@@ -34,114 +34,20 @@ from spr.clock import Clock
 from spr.config import EngineConfig
 from spr.engine.failures import FirstFailure, FlushFailed, first_line
 from spr.engine.intake import PendingBatch
+from spr.engine.lanes import FlushJob, FlushLanes, FlushOutcome, RejectedRowsHandler
 from spr.errors import CommitsLost, SprError
 from spr.logs import log_event
-from spr.retry import CircuitBreaker, CircuitState, RetryAttempt
-from spr.sink.postgres import FlushResult, PostgresSink, RejectedRow, redact_dsn
+from spr.retry import CircuitBreaker, CircuitState
+from spr.sink.postgres import FlushResult, PostgresSink, redact_dsn
 
-__all__ = ["FLUSH_WATCHDOG_MARGIN_S", "FlushJob", "FlushThread", "Flushing"]
+__all__ = ["FLUSH_WATCHDOG_MARGIN_S", "FlushJob", "Flushing"]
 
 log = logging.getLogger("spr.engine")
 
 #: A flush still running this long past statement_timeout is stuck (a dead connection).
 FLUSH_WATCHDOG_MARGIN_S = 30.0
 
-RejectedRowsHandler = Callable[[Sequence[RejectedRow]], None]
 CommittedHandler = Callable[["FlushJob", FlushResult, float], None]
-
-
-@dataclass(eq=False)
-class FlushJob:
-    """One batch on its way to the database, possibly over several attempts.
-
-    ``running`` while the flush thread has it; between attempts ``retry`` holds the
-    backoff state and :meth:`Flushing.poll` resubmits it once ``retry.ready_at`` has
-    come and the circuit breaker allows.
-    """
-
-    number: int
-    pending: PendingBatch
-    started_s: float
-    cancel: threading.Event
-    abandoned: bool = False
-    running: bool = False
-    retry: RetryAttempt | None = None
-    attempt_s: float = 0.0  # when the current attempt was handed to the flush thread
-    span: Any = None  # the job's "apply batch" span when tracing is on
-
-
-@dataclass(eq=False)
-class FlushOutcome:
-    job: FlushJob
-    result: FlushResult | None
-    error: BaseException | None
-    cancelled: bool
-    duration_s: float
-    ended_ns: int | None = None  # wall clock when the flush returned (traced jobs only)
-
-
-class FlushThread:
-    """The dedicated flush thread: one attempt of one job at a time, in submission order.
-
-    It owns its own sink (and so its own connection); ``dead_letter`` receives rows the
-    database rejects (see :meth:`PostgresSink.flush`); without it such a batch fails.
-    """
-
-    def __init__(
-        self, sink: PostgresSink, *, clock: Clock, dead_letter: RejectedRowsHandler | None = None
-    ) -> None:
-        self.sink = sink
-        self.clock = clock
-        if dead_letter is not None:
-            sink.dead_letter = dead_letter
-        self._jobs: queue.Queue[FlushJob | None] = queue.Queue()
-        self.results: queue.Queue[FlushOutcome] = queue.Queue()
-        self._current: FlushJob | None = None
-        self._thread = threading.Thread(target=self._run, name="spr-flush", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: FlushJob) -> None:
-        self._jobs.put(job)
-
-    def cancel(self, job: FlushJob) -> None:
-        """Ask ``job`` to stop: no more retries, and abort its running statement."""
-        job.cancel.set()
-        if self._current is job:
-            self.sink.cancel()
-
-    def close(self, timeout_s: float) -> None:
-        """Stop the thread, waiting at most ``timeout_s`` for the attempt it runs."""
-        self._jobs.put(None)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            # Stuck in a statement on a dead connection: closing it from this thread
-            # would race the flush thread inside libpq. The process exit ends both.
-            log.warning("the flush thread did not stop within %.1f s; leaving it", timeout_s)
-            return
-        self.sink.close()
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            self._current = job
-            try:
-                self.results.put(self._flush(job))
-            finally:
-                self._current = None
-
-    def _flush(self, job: FlushJob) -> FlushOutcome:
-        start = self.clock.monotonic()
-        if job.cancel.is_set():
-            return FlushOutcome(job, None, None, True, 0.0)
-        try:
-            result = self.sink.flush(job.pending.batch)
-            ended_ns = None if job.span is None else time.time_ns()
-            return FlushOutcome(job, result, None, False, self.clock.monotonic() - start, ended_ns)
-        except Exception as exc:
-            cancelled = job.cancel.is_set()
-            return FlushOutcome(job, None, exc, cancelled, self.clock.monotonic() - start)
 
 
 class Flushing:
@@ -167,7 +73,7 @@ class Flushing:
         self.on_committed = on_committed
         self.retry_policy = config.retry_policy
         self.breaker = CircuitBreaker(config.breaker, on_change=self._on_circuit_change)
-        self.thread: FlushThread | None = None
+        self.thread: FlushLanes | None = None
         self.inflight: FlushJob | None = None
         self._number = 0
         self.flushes = 0
@@ -183,9 +89,15 @@ class Flushing:
         #: Makes a span per job when set (:class:`spr.tracing.otel.BatchTracer`).
         self.tracer: Any = None
 
-    def start(self, sink: PostgresSink, dead_letter: RejectedRowsHandler | None) -> None:
-        """Start the flush thread on ``sink`` (its own connection)."""
-        self.thread = FlushThread(sink, clock=self.clock, dead_letter=dead_letter)
+    def start(self, sinks: Sequence[PostgresSink], dead_letter: RejectedRowsHandler | None) -> None:
+        """Start one flush thread per sink (each its own connection): the flush lanes
+        (:mod:`spr.engine.lanes`)."""
+        self.thread = FlushLanes(
+            sinks,
+            clock=self.clock,
+            dead_letter=dead_letter,
+            split_rows=self.config.flush_split_rows,
+        )
 
     def close(self) -> None:
         """Stop the flush thread. A flush given up as stuck is not waited for (its
@@ -197,6 +109,24 @@ class Flushing:
         stuck = job is not None and job.abandoned
         budget = 0.5 if stuck else self.config.statement_timeout_ms / 1000.0 + 1.0
         thread.close(budget)
+
+    def expect_durable(self, committed: Mapping[tuple[str, int], int]) -> None:
+        """What the flush connections check the database against when they are new (a
+        reconnect after a crash): a copy, the flush threads read it."""
+        durable = dict(committed)
+        for sink in self.thread.sinks if self.thread is not None else ():
+            sink.durable_offsets = durable
+
+    def take_lost_commits(self) -> dict[tuple[str, int], int | None]:
+        """The partitions whose acknowledged commits a flush connection found lost
+        (:class:`CommitsLost`), each reported once: the offsets the database holds."""
+        lost: dict[tuple[str, int], int | None] = {}
+        for sink in self.thread.sinks if self.thread is not None else ():
+            found = getattr(sink, "lost_commits", None)  # None: a sink without the check
+            if found is not None:
+                lost.update(found.stored)
+                sink.lost_commits = None
+        return lost
 
     # -- state --------------------------------------------------------------------------
 

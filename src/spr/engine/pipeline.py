@@ -157,7 +157,6 @@ class StatePipeline:
         # own synchronous_commit says, so the check is always on.
         self._check_durable = True
         self._next_probe_s = 0.0
-        self._writer: PostgresSink | None = None
         self.commits_lost = 0
 
     @staticmethod
@@ -189,10 +188,11 @@ class StatePipeline:
             cooperative=self.cooperative,
         )
         rejected = self.dead_letters.rejected_rows if self.dead_letters.enabled else None
-        # Only the connection that writes batches: offsets commit with their rows there,
-        # which is what makes a weaker setting safe (see EngineConfig).
-        writer = self._sink_factory()
-        writer.synchronous_commit = self.config.synchronous_commit
+        writers = [self._sink_factory() for _ in range(self.config.lanes)]
+        for writer in writers:
+            # Only the connections that write batches: offsets commit with their rows
+            # there, which is what makes a weaker setting safe (see EngineConfig).
+            writer.synchronous_commit = self.config.synchronous_commit
         if self.config.synchronous_commit == "off":
             log.warning(
                 "synchronous_commit is off for the flushes: a PostgreSQL crash loses the "
@@ -200,8 +200,7 @@ class StatePipeline:
                 "server's wal_writer_delay), and spr consumes those events again from "
                 "Kafka, which must still hold them"
             )
-        self._writer = writer
-        self.flushing.start(writer, rejected)
+        self.flushing.start(writers, rejected)
 
     def close(self) -> None:
         """Stop the flush thread and close the connections (flushes nothing)."""
@@ -310,25 +309,19 @@ class StatePipeline:
         if self.intake.invalid and self.dead_letters.enabled:
             # Dead letters must be durable before the offsets past them are.
             self.dead_letters.flush()
-        if self._check_durable and self._writer is not None:
-            # What the flush's connection checks the database against when it is new
-            # (a reconnect after a crash): a copy, the flush thread reads it.
-            self._writer.durable_offsets = dict(self.positions.committed)
+        if self._check_durable:
+            self.flushing.expect_durable(self.positions.committed)
         self.flushing.submit(self.intake.take())
 
     def _replay_lost_commits(self) -> None:
         """When the database lost commits it had acknowledged (a crash under
         synchronous_commit=off, a failover under asynchronous replication), drop all
         uncommitted work and consume again from the offsets it holds, ring forgotten, so
-        that the lost events are applied again and none is skipped. Found by the flush
+        that the lost events are applied again and none is skipped. Found by a flush
         connection when it reconnects (it refuses to flush past them: CommitsLost) or,
         while idle, by a probe every DURABILITY_PROBE_S."""
-        writer = self._writer
-        lost: dict[TopicPartitionKey, int | None] = {}
-        found = getattr(writer, "lost_commits", None)  # None from a sink without the check
-        if writer is not None and found is not None:
-            lost, writer.lost_commits = found.stored, None
-        elif not self.busy:
+        lost = self.flushing.take_lost_commits()
+        if not lost and not self.busy:
             now = self.clock.monotonic()
             if now < self._next_probe_s:
                 return

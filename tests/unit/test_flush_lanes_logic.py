@@ -1,0 +1,162 @@
+"""Flush lanes (spr.engine.lanes) with fake sinks: a batch split by partition over the
+lanes, one outcome per attempt, a failed lane retried alone, the serious error first."""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+import psycopg
+import pytest
+from test_engine_logic import FakeSink
+
+from spr._core_py import Batch
+from spr.batch import STATE_COLUMNS
+from spr.clock import FakeClock
+from spr.config import EngineConfig
+from spr.decode import decode_event
+from spr.engine.failures import FirstFailure
+from spr.engine.flushing import Flushing
+from spr.engine.intake import PendingBatch
+from spr.engine.lanes import BatchLane, combine
+from spr.errors import SprError
+from spr.sink.postgres import FlushResult
+
+
+def _batch(partitions: int = 4, per_partition: int = 3) -> Any:
+    batch = Batch(STATE_COLUMNS)
+    for p in range(partitions):
+        for i in range(per_partition):
+            offset = 10 * p + i
+            value = f'{{"entity_type":"o","entity_id":"p{p}e{i}","sequence":1,"state":"s"}}'
+            event = decode_event(value.encode(), offset=offset, timestamp_ms=0)
+            batch.add(event, "t", p, offset)
+    return batch
+
+
+def _flushing(sinks: list[FakeSink], clock: FakeClock) -> tuple[Flushing, list[Any], FirstFailure]:
+    committed: list[Any] = []
+    failure = FirstFailure()
+    flushing = Flushing(
+        EngineConfig(group_id="g", topics=("t",), flush_connections=len(sinks), flush_split_rows=1),
+        clock=clock,
+        failure=failure,
+        on_committed=lambda job, result, seconds: committed.append(result),
+    )
+    flushing.start(sinks, None)  # type: ignore[arg-type]
+    return flushing, committed, failure
+
+
+def _settle(flushing: Flushing, clock: FakeClock) -> None:
+    for _ in range(400):
+        if not flushing.busy:
+            return
+        clock.advance(1.0)  # past any retry's backoff
+        flushing.poll()
+        flushing.await_outcome(0.05)
+    raise AssertionError("the flush did not settle")
+
+
+def test_a_lane_holds_exactly_its_partitions_rows_and_offsets() -> None:
+    batch = _batch()
+    lanes = [BatchLane(batch, lane, 2) for lane in range(2)]
+    assert [lane.next_offsets() for lane in lanes] == [
+        {("t", 0): 3, ("t", 2): 23},
+        {("t", 1): 13, ("t", 3): 33},
+    ]
+    assert [lane.row_count for lane in lanes] == [6, 6]
+    assert {row[1] for row in lanes[1].rows()} == {f"p{p}e{i}" for p in (1, 3) for i in range(3)}
+    assert b"".join(lanes[0].copy_chunks(64)) == lanes[0].copy_data()
+
+
+def test_each_lane_flushes_its_share_and_the_job_commits_once_with_all_offsets() -> None:
+    clock = FakeClock()
+    sinks = [FakeSink(), FakeSink()]
+    flushing, committed, _ = _flushing(sinks, clock)
+    try:
+        flushing.submit(PendingBatch(_batch(), 12, 12, 0, array("q"), array("q")))
+        _settle(flushing, clock)
+        assert sinks[0].flushes == [{("t", 0): 3, ("t", 2): 23}]
+        assert sinks[1].flushes == [{("t", 1): 13, ("t", 3): 33}]
+        assert len(committed) == 1
+        result = committed[0]
+        assert (result.rows, result.applied, result.stale) == (12, 12, 0)
+        assert result.offsets == {("t", 0): 3, ("t", 1): 13, ("t", 2): 23, ("t", 3): 33}
+    finally:
+        flushing.close()
+
+
+def test_a_lane_with_nothing_to_do_opens_no_transaction() -> None:
+    clock = FakeClock()
+    sinks = [FakeSink(), FakeSink()]
+    flushing, committed, _ = _flushing(sinks, clock)
+    try:
+        batch = _batch(partitions=1)  # partition 0 only: lane 1 has nothing
+        flushing.submit(PendingBatch(batch, 3, 3, 0, array("q"), array("q")))
+        _settle(flushing, clock)
+        assert sinks[0].flushes == [{("t", 0): 3}] and sinks[1].flushes == []
+        assert committed[0].offsets == {("t", 0): 3}
+    finally:
+        flushing.close()
+
+
+def test_a_failed_lane_is_retried_alone() -> None:
+    clock = FakeClock()
+    sinks = [FakeSink(), FakeSink()]
+    sinks[1].fail = psycopg.OperationalError("connection lost")
+    flushing, committed, failure = _flushing(sinks, clock)
+    try:
+        flushing.submit(PendingBatch(_batch(), 12, 12, 0, array("q"), array("q")))
+        flushing.await_outcome(10.0)  # lane 0 committed, lane 1 failed: a retry
+        assert committed == [] and flushing.busy and flushing.flush_retries == 1
+        assert len(sinks[0].flushes) == 1 and sinks[1].flushes == []
+        sinks[1].fail = None
+        _settle(flushing, clock)
+        assert len(sinks[0].flushes) == 1  # its share was never written again
+        assert sinks[1].flushes == [{("t", 1): 13, ("t", 3): 33}]
+        assert len(committed) == 1 and committed[0].applied == 12
+        assert len(committed[0].offsets) == 4 and not failure.failed
+    finally:
+        flushing.close()
+
+
+def test_a_fatal_error_in_one_lane_is_not_hidden_by_a_transient_one_in_another() -> None:
+    clock = FakeClock()
+    sinks = [FakeSink(), FakeSink()]
+    sinks[0].fail = psycopg.OperationalError("connection lost")
+    sinks[1].fail = SprError("the table rejects every row")
+    flushing, committed, failure = _flushing(sinks, clock)
+    try:
+        flushing.submit(PendingBatch(_batch(), 12, 12, 0, array("q"), array("q")))
+        flushing.await_outcome(10.0)
+        assert committed == [] and failure.failed
+        with pytest.raises(SprError, match="rejects every row"):
+            failure.raise_if_failed()
+    finally:
+        flushing.close()
+
+
+def test_a_batch_below_the_split_size_goes_whole_over_one_connection() -> None:
+    clock = FakeClock()
+    sinks = [FakeSink(), FakeSink()]
+    flushing, committed, _ = _flushing(sinks, clock)
+    assert flushing.thread is not None
+    flushing.thread.split_rows = 13
+    try:
+        flushing.submit(PendingBatch(_batch(), 12, 12, 0, array("q"), array("q")))
+        _settle(flushing, clock)
+        assert sinks[0].flushes == [{("t", p): 10 * p + 3 for p in range(4)}]
+        assert sinks[1].flushes == [] and committed[0].rows == 12
+    finally:
+        flushing.close()
+
+
+def test_combine_sums_the_parts() -> None:
+    parts = {
+        1: FlushResult(rows=5, applied=3, stale=1, rejected=1, offsets={("t", 1): 9}),
+        0: FlushResult(rows=2, applied=2, stale=0, offsets={("t", 0): 4}),
+    }
+    whole = combine(parts)
+    assert (whole.rows, whole.applied, whole.stale, whole.rejected) == (7, 5, 1, 1)
+    assert whole.offsets == {("t", 0): 4, ("t", 1): 9}
+    assert combine({0: parts[0]}) is parts[0]
