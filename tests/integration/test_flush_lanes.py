@@ -48,7 +48,7 @@ Names = Callable[[str], str]
 def _split_every_batch(tmp_path: Path) -> list[str]:
     """spr run flags that split even these tests' small batches over the lanes."""
     config = tmp_path / "lanes.toml"
-    config.write_text("flush_split_rows = 1\n")
+    config.write_text("flush_split_rows = 1\nflush_split_rows_per_event = 0\n")
     return ["--config", str(config)]
 
 
@@ -144,7 +144,7 @@ def test_a_failed_lane_is_retried_alone_and_the_committed_one_is_not_written_aga
     _install_fault_and_log(dsn, table, group, fault)
     config = EngineConfig(group_id=group, topics=("t",), dsn=dsn,
                           mapping=TableMapping(table=table), flush_connections=2,
-                          flush_split_rows=1)  # fmt: skip
+                          flush_split_rows=1, flush_split_rows_per_event=0.0)  # fmt: skip
     batch = Batch(STATE_COLUMNS)
     for p in range(4):
         for i in range(50):

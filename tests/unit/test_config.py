@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,50 @@ def test_spr_run_passes_synchronous_commit_to_the_config_and_to_every_worker() -
     plain = build_parser().parse_args(argv)
     assert "--synchronous-commit" not in _child_argv(plain, 1)  # the layers below decide
     assert load_engine_config(environ={}, flags=_flags(plain)).synchronous_commit == "on"
+
+
+def test_flush_lanes_default_to_the_cores_and_read_every_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spr.cli import build_parser
+    from spr.cli.run import _child_argv, _flags
+
+    required = {"group_id": "g", "topics": ("t",)}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    one = load_engine_config(environ={}, flags=required)
+    assert (one.flush_connections, one.flush_split_rows, one.flush_split_rows_per_event) == (
+        1, 5_000, 0.5
+    )  # fmt: skip
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert load_engine_config(environ={}, flags=required).flush_connections == 2
+    path = tmp_path / "spr.toml"
+    path.write_text("flush_connections = 3\nflush_split_rows = 1\nflush_split_rows_per_event = 0\n")
+    config = load_engine_config(file=path, environ={}, flags=required)
+    assert (config.lanes, config.flush_split_rows, config.flush_split_rows_per_event) == (3, 1, 0.0)
+    environ = {"SPR_FLUSH_CONNECTIONS": "4"}
+    assert load_engine_config(file=path, environ=environ, flags=required).lanes == 4
+    args = build_parser().parse_args(["run", "--topic", "t", "--group", "g", "--workers", "2",
+                                      "--flush-connections", "5"])  # fmt: skip
+    assert load_engine_config(file=path, environ=environ, flags=_flags(args)).lanes == 5
+    child = _child_argv(args, 1)
+    assert child[child.index("--flush-connections") + 1] == "5"
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [("flush_connections = 0", "flush_connections must be a positive number, got 0"),
+     ("flush_connections = 65", "flush_connections must be at most 64, got 65"),
+     ("flush_connections = 1.5", "flush_connections must be a whole number"),
+     ("flush_split_rows = 0", "flush_split_rows must be a positive number, got 0"),
+     ("flush_split_rows_per_event = 2", "flush_split_rows_per_event must be between 0 and 1")],
+)  # fmt: skip
+def test_a_bad_flush_lane_setting_is_one_sentence(
+    tmp_path: Path, setting: str, needle: str
+) -> None:
+    path = tmp_path / "spr.toml"
+    path.write_text(setting + "\n")
+    with pytest.raises(ConfigError, match=needle):
+        load_engine_config(file=path, environ={}, flags={"group_id": "g", "topics": ("t",)})
 
 
 @pytest.mark.parametrize(

@@ -151,6 +151,36 @@ def test_a_batch_below_the_split_size_goes_whole_over_one_connection() -> None:
         flushing.close()
 
 
+def _collapsed_batch() -> Any:
+    batch = _batch()
+    for p in range(4):  # a second event of every entity: 12 rows for 24 events
+        for i in range(3):
+            value = f'{{"entity_type":"o","entity_id":"p{p}e{i}","sequence":2,"state":"t"}}'
+            offset = 10 * p + 3 + i
+            batch.add(decode_event(value.encode(), offset=offset, timestamp_ms=0), "t", p, offset)
+    assert (batch.row_count, batch.events_added) == (12, 24)
+    return batch
+
+
+def test_a_batch_that_collapsed_well_goes_whole_over_one_connection() -> None:
+    clock = FakeClock()
+    sinks = [FakeSink(), FakeSink()]
+    flushing, committed, _ = _flushing(sinks, clock)
+    assert flushing.thread is not None
+    try:
+        flushing.thread.split_rows_per_event = 0.6  # 0.5 rows per event: whole
+        flushing.submit(PendingBatch(_collapsed_batch(), 24, 24, 0, array("q"), array("q")))
+        _settle(flushing, clock)
+        assert len(sinks[0].flushes) == 1 and sinks[1].flushes == []
+        flushing.thread.split_rows_per_event = 0.5  # at the threshold: split
+        flushing.submit(PendingBatch(_collapsed_batch(), 24, 24, 0, array("q"), array("q")))
+        _settle(flushing, clock)
+        assert len(sinks[0].flushes) == 2 and len(sinks[1].flushes) == 1
+        assert len(committed) == 2
+    finally:
+        flushing.close()
+
+
 def test_combine_sums_the_parts() -> None:
     parts = {
         1: FlushResult(rows=5, applied=3, stale=1, rejected=1, offsets={("t", 1): 9}),

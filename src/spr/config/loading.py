@@ -36,7 +36,7 @@ _INT_KEYS = {
     "flush_connections",
     "flush_split_rows",
 }
-_FLOAT_KEYS = {"connect_timeout_s", "flush_retry_s", "idle_exit_s"}
+_FLOAT_KEYS = {"connect_timeout_s", "flush_retry_s", "idle_exit_s", "flush_split_rows_per_event"}
 
 # Environment variables and the setting each one fills (section, key).
 _ENV: dict[str, tuple[str, str]] = {

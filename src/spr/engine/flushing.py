@@ -97,6 +97,7 @@ class Flushing:
             clock=self.clock,
             dead_letter=dead_letter,
             split_rows=self.config.flush_split_rows,
+            split_rows_per_event=self.config.flush_split_rows_per_event,
         )
 
     def close(self) -> None:

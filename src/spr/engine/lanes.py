@@ -23,7 +23,10 @@ Invariants:
 A batch below ``flush_split_rows`` rows is not split: lane 0 writes it whole, in one
 transaction, as with one lane (the batch as it is, no view in between). Below full
 speed batches are small, and one commit beats two: ``spr bench --rate 10000`` measured
-p99 11.2 ms over one connection and 14.0 ms with every batch split over two. Which
+p99 11.2 ms over one connection and 14.0 ms with every batch split over two. Nor is a
+batch that collapsed to fewer than ``flush_split_rows_per_event`` rows per event (a
+backlog): the sooner its flush ends, the sooner the next batch is taken and the less
+it collapses, which cost the backlog more rows than the second connection gained. Which
 connection writes a partition may change from one batch to the next; the invariants
 above do not depend on it.
 """
@@ -195,7 +198,8 @@ class FlushLanes:
 
     ``sinks`` are the lanes' sinks (one connection each); ``dead_letter`` receives rows
     the database rejects (see :meth:`PostgresSink.flush`); without it such a batch
-    fails. A batch of fewer than ``split_rows`` rows is not split: lane 0 writes it
+    fails. A batch of fewer than ``split_rows`` rows, or of fewer than
+    ``split_rows_per_event`` rows per event it took, is not split: lane 0 writes it
     whole. Outcomes come out of :attr:`results`, one per attempt.
     """
 
@@ -206,12 +210,14 @@ class FlushLanes:
         clock: Clock,
         dead_letter: RejectedRowsHandler | None = None,
         split_rows: int = 1,
+        split_rows_per_event: float = 0.0,
     ) -> None:
         if not sinks:
             raise ValueError("flush lanes need at least one sink")
         self.clock = clock
         self.count = len(sinks)
         self.split_rows = split_rows
+        self.split_rows_per_event = split_rows_per_event
         if dead_letter is not None:
             handler = dead_letter if self.count == 1 else _one_at_a_time(dead_letter)
             for sink in sinks:
@@ -264,7 +270,12 @@ class FlushLanes:
             lane.sink.close()
 
     def _split(self, batch: Any) -> dict[int, BatchLike]:
-        if self.count == 1 or batch.row_count < self.split_rows:
+        rows = batch.row_count
+        if (
+            self.count == 1
+            or rows < self.split_rows
+            or rows < self.split_rows_per_event * batch.events_added
+        ):
             return {0: batch}
         parts = {lane: BatchLane(batch, lane, self.count) for lane in range(self.count)}
         busy: dict[int, BatchLike] = {lane: p for lane, p in parts.items() if not p.empty}
