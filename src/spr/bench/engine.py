@@ -82,7 +82,7 @@ def run_spr(
     bound_malloc_retention()  # as spr run does (cli.options.run_until_stopped)
 
     flushes: list[tuple[float, dict[int, int]]] = []
-    flush_busy = [0.0]
+    flush_busy: dict[int, float] = {}  # per flush connection (sink)
     step_started = [0.0]
 
     recording = threading.Lock()  # the flush lanes record from their own threads
@@ -95,7 +95,7 @@ def run_spr(
             now = time.time()
             offsets = {p: o for (_, p), o in result.offsets.items()}
             with recording:
-                flush_busy[0] += ended - started
+                flush_busy[id(self)] = flush_busy.get(id(self), 0.0) + ended - started
                 if flushes and now - step_started[0] < flush_record_step_s:
                     flushes[-1] = (now, {**flushes[-1][1], **offsets})
                 else:
@@ -139,6 +139,7 @@ def run_spr(
         stats=stats.as_dict(),
         started_s=started,
         ended_s=ended,
-        flush_busy_s=flush_busy[0] / config.lanes,  # one lane's share
+        # The busiest connection's: the one every batch that is not split goes over.
+        flush_busy_s=max(flush_busy.values(), default=0.0),
         batch=dict(batch or {}),
     )

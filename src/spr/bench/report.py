@@ -401,7 +401,7 @@ def _state_lines(section: Mapping[str, Any], title: str = "spr bench") -> list[s
             f"spr: {stats.get('flushes', 0):,} flushes, {stats.get('pauses', 0):,} pauses, "
             f"{stats.get('duplicate', 0):,} dedup hits, {stats.get('stale', 0):,} stale "
             f"(guard), {stats.get('collapsed', 0):,} collapsed, "
-            f"{stats.get('applied', 0):,} rows applied; flush busy "
+            f"{stats.get('applied', 0):,} rows applied; busiest flush connection busy "
             f"{spr.get('flush_busy_pct', 0)}% of the run",
         ]
         consumed = stats.get("consumed") or 0
