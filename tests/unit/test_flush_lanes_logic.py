@@ -140,8 +140,8 @@ def test_a_batch_below_the_split_size_goes_whole_over_one_connection() -> None:
     clock = FakeClock()
     sinks = [FakeSink(), FakeSink()]
     flushing, committed, _ = _flushing(sinks, clock)
-    assert flushing.thread is not None
-    flushing.thread.split_rows = 13
+    assert flushing.lanes is not None
+    flushing.lanes.split_rows = 13
     try:
         flushing.submit(PendingBatch(_batch(), 12, 12, 0, array("q"), array("q")))
         _settle(flushing, clock)
@@ -166,13 +166,13 @@ def test_a_batch_that_collapsed_well_goes_whole_over_one_connection() -> None:
     clock = FakeClock()
     sinks = [FakeSink(), FakeSink()]
     flushing, committed, _ = _flushing(sinks, clock)
-    assert flushing.thread is not None
+    assert flushing.lanes is not None
     try:
-        flushing.thread.split_rows_per_event = 0.6  # 0.5 rows per event: whole
+        flushing.lanes.split_rows_per_event = 0.6  # 0.5 rows per event: whole
         flushing.submit(PendingBatch(_collapsed_batch(), 24, 24, 0, array("q"), array("q")))
         _settle(flushing, clock)
         assert len(sinks[0].flushes) == 1 and sinks[1].flushes == []
-        flushing.thread.split_rows_per_event = 0.5  # at the threshold: split
+        flushing.lanes.split_rows_per_event = 0.5  # at the threshold: split
         flushing.submit(PendingBatch(_collapsed_batch(), 24, 24, 0, array("q"), array("q")))
         _settle(flushing, clock)
         assert len(sinks[0].flushes) == 2 and len(sinks[1].flushes) == 1

@@ -73,7 +73,7 @@ class Flushing:
         self.on_committed = on_committed
         self.retry_policy = config.retry_policy
         self.breaker = CircuitBreaker(config.breaker, on_change=self._on_circuit_change)
-        self.thread: FlushLanes | None = None
+        self.lanes: FlushLanes | None = None
         self.inflight: FlushJob | None = None
         self._number = 0
         self.flushes = 0
@@ -92,7 +92,7 @@ class Flushing:
     def start(self, sinks: Sequence[PostgresSink], dead_letter: RejectedRowsHandler | None) -> None:
         """Start one flush thread per sink (each its own connection): the flush lanes
         (:mod:`spr.engine.lanes`)."""
-        self.thread = FlushLanes(
+        self.lanes = FlushLanes(
             sinks,
             clock=self.clock,
             dead_letter=dead_letter,
@@ -103,26 +103,26 @@ class Flushing:
     def close(self) -> None:
         """Stop the flush thread. A flush given up as stuck is not waited for (its
         connection is dead); otherwise the wait is bounded by the statement timeout."""
-        thread = self.thread
-        if thread is None:
+        lanes = self.lanes
+        if lanes is None:
             return
         job = self.inflight
         stuck = job is not None and job.abandoned
         budget = 0.5 if stuck else self.config.statement_timeout_ms / 1000.0 + 1.0
-        thread.close(budget)
+        lanes.close(budget)
 
     def expect_durable(self, committed: Mapping[tuple[str, int], int]) -> None:
         """What the flush connections check the database against when they are new (a
         reconnect after a crash): a copy, the flush threads read it."""
         durable = dict(committed)
-        for sink in self.thread.sinks if self.thread is not None else ():
+        for sink in self.lanes.sinks if self.lanes is not None else ():
             sink.durable_offsets = durable
 
     def take_lost_commits(self) -> dict[tuple[str, int], int | None]:
         """The partitions whose acknowledged commits a flush connection found lost
         (:class:`CommitsLost`), each reported once: the offsets the database holds."""
         lost: dict[tuple[str, int], int | None] = {}
-        for sink in self.thread.sinks if self.thread is not None else ():
+        for sink in self.lanes.sinks if self.lanes is not None else ():
             found = getattr(sink, "lost_commits", None)  # None: a sink without the check
             if found is not None:
                 lost.update(found.stored)
@@ -168,7 +168,7 @@ class Flushing:
 
     def submit(self, pending: PendingBatch) -> None:
         """Hand ``pending`` to the flush thread; only when nothing is in flight."""
-        assert self.inflight is None and self.thread is not None
+        assert self.inflight is None and self.lanes is not None
         self._number += 1
         now = self.clock.monotonic()
         job = FlushJob(
@@ -182,16 +182,16 @@ class Flushing:
         if self.tracer is not None:
             job.span = self._start_span(pending)
         self.inflight = job
-        self.thread.submit(job)
+        self.lanes.submit(job)
 
     def poll(self) -> None:
         """Collect finished attempts, stop on a stuck flush, and resubmit a flush whose
         backoff is over. Never blocks."""
-        thread = self.thread
-        assert thread is not None
+        lanes = self.lanes
+        assert lanes is not None
         while True:
             try:
-                outcome = thread.results.get_nowait()
+                outcome = lanes.results.get_nowait()
             except queue.Empty:
                 break
             self._on_outcome(outcome)
@@ -201,15 +201,15 @@ class Flushing:
     def wait(self, deadline_s: float) -> bool:
         """Block until the flush in flight has an outcome, or ``deadline_s`` (on the
         clock); True when nothing is in flight any more."""
-        thread = self.thread
+        lanes = self.lanes
         while self.inflight is not None:
             remaining = deadline_s - self.clock.monotonic()
-            if remaining <= 0 or thread is None or self.failure.failed:
+            if remaining <= 0 or lanes is None or self.failure.failed:
                 return False
             self._drive_retry()
             waiting = not self.inflight.running
             try:
-                outcome = thread.results.get(timeout=min(remaining, 0.05 if waiting else 0.2))
+                outcome = lanes.results.get(timeout=min(remaining, 0.05 if waiting else 0.2))
             except queue.Empty:
                 continue
             self._on_outcome(outcome)
@@ -220,13 +220,13 @@ class Flushing:
         running attempt's outcome and take it. The loop's wakeup: when a waiting batch
         only waits for the flush in flight, the loop waits on that flush, not on
         ``consume()``, and hands the batch off the moment the flush commits."""
-        thread = self.thread
-        if thread is None or self.inflight is None:
+        lanes = self.lanes
+        if lanes is None or self.inflight is None:
             return
         # A job waiting for its retry has no outcome to come: the wait then only paces
         # the loop (as consume()'s timeout would), it never spins.
         try:
-            outcome = thread.results.get(timeout=timeout_s)
+            outcome = lanes.results.get(timeout=timeout_s)
         except queue.Empty:
             return
         self._on_outcome(outcome)
@@ -243,8 +243,8 @@ class Flushing:
             self.inflight = None
             self._end_span(job, "cancelled")
             return
-        assert self.thread is not None
-        self.thread.cancel(job)
+        assert self.lanes is not None
+        self.lanes.cancel(job)
         if not self.wait(self.clock.monotonic() + wait_s):
             job.abandoned = True
             self.inflight = None
@@ -252,14 +252,14 @@ class Flushing:
 
     def _drive_retry(self) -> None:
         job = self.inflight
-        if job is None or job.running or job.retry is None or self.thread is None:
+        if job is None or job.running or job.retry is None or self.lanes is None:
             return
         now = self.clock.monotonic()
         if not job.retry.ready(now) or not self.breaker.allow(now):
             return
         job.running = True
         job.attempt_s = now
-        self.thread.submit(job)
+        self.lanes.submit(job)
 
     def _check_stuck(self) -> None:
         """Stop when the attempt in flight has run far longer than the statement timeout
