@@ -5,9 +5,11 @@ Run: ``.venv/bin/python -m benchmarks.flush_connections [--dsn DSN] [--rows N]
 
 N unique entities (the ``live`` scenario's shape: nothing collapses) in 12 partitions,
 flushed with spr's own :meth:`~spr.sink.postgres.PostgresSink.flush` in 40,000-row
-batches on one connection, or split by partition parity over two connections (one
+batches on one connection, or each batch split by partition parity over two
+connections with spr's own lane split (:class:`~spr.engine.lanes.BatchLane`; one
 thread each, so their locks never meet), into fresh tables each round; the modes
-alternate. Only the flushes are timed: the database's rate with an infinitely fast
+alternate. Unlike the engine's lanes, each thread goes on to its next share without
+waiting for the other. Only the flushes are timed: the database's rate with an infinitely fast
 client, the upper bound of a second flush connection on this machine.
 """
 
@@ -17,6 +19,7 @@ import argparse
 import threading
 import time
 import uuid
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -25,6 +28,7 @@ from spr._event import Event
 from spr.batch import STATE_COLUMNS, Batch
 from spr.config import TableMapping
 from spr.config.defaults import default_dsn
+from spr.engine.lanes import BatchLane
 from spr.sink.postgres import PostgresSink
 
 PARTITIONS = 12
@@ -59,10 +63,12 @@ def _run(dsn: str, rows: list[Row], connections: int) -> float:
     mapping = TableMapping(table=f"flushconn_{tag}", offsets_table=f"flushconn_off_{tag}")
     sinks = [PostgresSink(dsn, group_id="g", mapping=mapping) for _ in range(connections)]
     sinks[0].init_schema()
-    lanes = [
-        _batches([r for r in rows if r[1] % connections == k], BATCH_ROWS // connections)
-        for k in range(connections)
-    ]
+    batches = _batches(rows, BATCH_ROWS)
+    lanes: list[list[Any]] = (
+        [batches]
+        if connections == 1
+        else [[BatchLane(b, k, connections) for b in batches] for k in range(connections)]
+    )
     for sink in sinks:
         sink.connect()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 from collections.abc import Callable
 from functools import partial
@@ -38,6 +39,19 @@ def alternating(fns: dict[str, Callable[[], object]], n: int, repeat: int = 7) -
             fn()
             best[label] = min(best[label], time.perf_counter() - start)
     return {label: seconds / n for label, seconds in best.items()}
+
+
+def print_medians(header: str, rates: dict[str, list[float]], *, width: int = 10) -> None:
+    """Print ``header``, then each mode's best and median rate (events/s) and its median
+    against the first mode's, the baseline of an alternating comparison."""
+    baseline = statistics.median(next(iter(rates.values())))
+    print(header)
+    for name, found in rates.items():
+        median = statistics.median(found)
+        print(
+            f"{name:18} best {max(found):>{width},.0f} ev/s  median {median:>{width},.0f} ev/s  "
+            f"median vs off {100 * (median / baseline - 1):+6.2f}%"
+        )
 
 
 def report(name: str, target: str, fast: float, slow: dict[str, float]) -> None:

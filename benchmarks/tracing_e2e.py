@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import uuid
 from pathlib import Path
 
 import psycopg
+
+from benchmarks.ratios import print_medians
 
 BOOTSTRAP = os.environ.get("SPR_BOOTSTRAP", "127.0.0.1:9092")
 DSN = os.environ.get("SPR_DSN", "postgresql://spr@127.0.0.1:55432/spr")
@@ -68,14 +69,9 @@ def main() -> None:
 
         admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
         admin.delete_topics([topic])[topic].result(30)
-    baseline = statistics.median(rates["off"])
-    print(f"{args.events:,} events, {args.rounds} rounds alternating, spr run --idle-exit 1")
-    for name, found in rates.items():
-        median = statistics.median(found)
-        print(
-            f"{name:18} best {max(found):>10,.0f} ev/s  median {median:>10,.0f} ev/s  "
-            f"median vs off {100 * (median / baseline - 1):+6.2f}%"
-        )
+    print_medians(
+        f"{args.events:,} events, {args.rounds} rounds alternating, spr run --idle-exit 1", rates
+    )
 
 
 if __name__ == "__main__":

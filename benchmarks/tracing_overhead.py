@@ -24,7 +24,6 @@ Prints events/s per mode, best and median, and each mode's median against ``off`
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +32,7 @@ from confluent_kafka import Message
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
+from benchmarks.ratios import print_medians
 from benchmarks.workloads import consumed_messages
 from spr.config import BatchPolicy
 from spr.decode import DEFAULT_LIMITS
@@ -160,14 +160,11 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, run in modes.items():
             rates[name].append(args.events / run())
-    baseline = statistics.median(rates["off"])
-    print(f"{args.events:,} events, {args.rounds} rounds alternating, chunks of {CHUNK:,}")
-    for name, found in rates.items():
-        median = statistics.median(found)
-        print(
-            f"{name:18} best {max(found):>12,.0f} ev/s  median {median:>12,.0f} ev/s  "
-            f"median vs off {100 * (median / baseline - 1):+6.2f}%"
-        )
+    print_medians(
+        f"{args.events:,} events, {args.rounds} rounds alternating, chunks of {CHUNK:,}",
+        rates,
+        width=12,
+    )
 
 
 if __name__ == "__main__":

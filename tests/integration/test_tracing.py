@@ -58,6 +58,19 @@ def _spr(
     )
 
 
+def _exporting_to(endpoint: str) -> dict[str, str]:
+    """The environment of an spr command that exports every trace to ``endpoint``
+    quickly, under spr's own service name."""
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    env.pop("OTEL_SERVICE_NAME", None)
+    return env
+
+
 def _records(bootstrap: str, topic: str, partitions: int, count: int = EVENTS) -> list[Any]:
     consumer = Consumer(
         {
@@ -102,13 +115,7 @@ def test_one_trace_from_send_to_commit(
     table = unique_name("tracing")
     group = unique_name("tracing-group")
     with otlp_receiver() as receiver:
-        env = {
-            **os.environ,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_TRACES_SAMPLER": "parentbased_always_on",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        }
-        env.pop("OTEL_SERVICE_NAME", None)
+        env = _exporting_to(receiver.endpoint)
         produced = _spr(
             ["produce", "--otel", "--topic", topic, "--count", str(EVENTS), "--entities", "120",
              "--bootstrap", bootstrap],
@@ -309,13 +316,7 @@ def test_transform_continues_the_trace_into_its_output(
     output = f"{source}.out"
     events = 40
     with otlp_receiver() as receiver:
-        env = {
-            **os.environ,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_TRACES_SAMPLER": "parentbased_always_on",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        }
-        env.pop("OTEL_SERVICE_NAME", None)
+        env = _exporting_to(receiver.endpoint)
         try:
             produced = _spr(
                 ["produce", "--otel", "--topic", source, "--count", str(events),

@@ -88,6 +88,18 @@ def samples_nothing(provider: Any = None) -> bool:
     return isinstance(sampler, ParentBased) and sampler._root is ALWAYS_OFF
 
 
+def _send_attributes(topic: str, key: str, **extra: Any) -> dict[str, Any]:
+    """A send span's attributes (OpenTelemetry's messaging conventions) plus ``extra``."""
+    return {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "send",
+        "messaging.destination.name": topic,
+        "messaging.kafka.message.key": key,
+        **extra,
+    }
+
+
 def _tracer() -> trace.Tracer:
     return trace.get_tracer(_INSTRUMENTATION, __version__)
 
@@ -108,13 +120,7 @@ class SendTracer:
         span = self._tracer.start_span(
             f"send {topic}",
             kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation.type": "send",
-                "messaging.operation.name": "send",
-                "messaging.destination.name": topic,
-                "messaging.kafka.message.key": key,
-            },
+            attributes=_send_attributes(topic, key),
         )
         carrier: dict[str, str] = {}
         inject(carrier, context=trace.set_span_in_context(span))
@@ -198,17 +204,16 @@ class TransformTracer:
             f"send {topic}",
             context=_PROPAGATOR.extract(carrier),
             kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation.type": "send",
-                "messaging.operation.name": "send",
-                "messaging.destination.name": topic,
-                "messaging.destination.partition.id": str(partition),
-                "messaging.kafka.message.key": key.decode("ascii", "replace"),
-                "spr.source.topic": source[0],
-                "spr.source.partition": source[1],
-                "spr.source.offset": source[2],
-            },
+            attributes=_send_attributes(
+                topic,
+                key.decode("ascii", "replace"),
+                **{
+                    "messaging.destination.partition.id": str(partition),
+                    "spr.source.topic": source[0],
+                    "spr.source.partition": source[1],
+                    "spr.source.offset": source[2],
+                },
+            ),
         )
         out: dict[str, str] = {}
         inject(out, context=trace.set_span_in_context(span))
