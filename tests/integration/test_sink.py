@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 
 from spr.batch import STATE_COLUMNS, Batch
+from spr.bench.ceilings import create_textbook_table
 from spr.classify import ErrorClass, classify
 from spr.config import ORDERS_MAPPING, TableMapping
 from spr.decode import Event
@@ -205,6 +206,45 @@ def test_cancel_aborts_a_running_flush(sink: PostgresSink, dsn: str, pg: Any) ->
     assert sink.load_offsets("g", ["t"]) == {}
 
 
+def _collations(pg: Any, table: str) -> dict[str, str]:
+    """Each column's collation (``default``: the database's, when none was chosen)."""
+    rows = pg.execute(
+        "SELECT a.attname::text, COALESCE(c.collname::text, '') FROM pg_attribute a "
+        "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
+        "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+        (table,),
+    ).fetchall()
+    return dict(rows)
+
+
+def test_state_table_compares_keys_bytewise(sink: PostgresSink, pg: Any) -> None:
+    collations = _collations(pg, sink.mapping.table)
+    assert (collations["entity_type"], collations["entity_id"]) == ("C", "C")
+    assert collations["state"] == "default"  # only the key is byte-ordered
+    # The staging table's identity compares the same way (the merge's sort).
+    staging = sink.connect().execute(
+        "SELECT c.collname::text FROM pg_attribute a JOIN pg_collation c "
+        "ON c.oid = a.attcollation WHERE a.attrelid = to_regclass('pg_temp.spr_staging') "
+        "AND a.attname = 'entity_id'"
+    ).fetchone()
+    assert staging == ("C",)
+
+
+def test_the_benchmarks_textbook_table_keeps_the_textbook_layout(
+    dsn: str, pg: Any, unique_name: Callable[[str], str]
+) -> None:
+    """``spr bench``'s textbook merge is measured on a table without spr's choices."""
+    mapping = TableMapping(table=unique_name("textbook"), offsets_table=unique_name("offsets"))
+    with PostgresSink(dsn, group_id="g", mapping=mapping) as sink:
+        create_textbook_table(sink.connect(), mapping.table)
+        sink.init_schema(fit_existing_table=True)  # adds only the offsets and gaps tables
+        collations = _collations(pg, mapping.table)
+        assert (collations["entity_type"], collations["entity_id"]) == ("default", "default")
+        assert sink.flush(batch_of((event("1", 1, "created"), 0))).applied == 1
+    for table in (mapping.table, mapping.offsets_table, mapping.gaps_table):
+        pg.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+
+
 def test_orders_table_is_fitted_and_mapped(
     dsn: str, pg: Any, unique_name: Callable[[str], str]
 ) -> None:
@@ -245,6 +285,8 @@ def test_orders_table_is_fitted_and_mapped(
         result = sink.flush(batch)
         assert result.rows == 4 and result.applied == 3
         sink.flush(batch_of((event("o-1", 1, "created"), 5)))  # older after newer
+    # A user's table keeps its own layout: spr sets no collation on it.
+    assert _collations(pg, table)["order_id"] == "default"
     got = pg.execute(
         sql.SQL(
             "SELECT order_id, status, sequence, payload->>'state', processed_at IS NOT NULL "

@@ -18,8 +18,10 @@
     client, in one transaction that creates a temporary table (``ON COMMIT DROP``),
     ``COPY``s the rows into it in text format one by one, merges them with ``INSERT ...
     SELECT DISTINCT ON (key) ... ORDER BY key, sequence DESC ON CONFLICT DO UPDATE``
-    under the same sequence guard, and upserts each partition's next offset. Database
-    time only, like ``copy_merge``: what spr's flush is compared with.
+    under the same sequence guard, and upserts each partition's next offset. Its table
+    is the textbook one too (:func:`create_textbook_table`, the key in the database's
+    collation). Database time only, like ``copy_merge``: what spr's flush is compared
+    with.
 """
 
 from __future__ import annotations
@@ -29,7 +31,24 @@ from typing import Any
 
 from spr.bench.recorder import Recorder
 
-__all__ = ["run_copy_merge", "run_plain_merge", "run_raw_consume"]
+__all__ = ["create_textbook_table", "run_copy_merge", "run_plain_merge", "run_raw_consume"]
+
+
+def create_textbook_table(conn: Any, table: str) -> None:
+    """Create ``table`` with spr's columns and none of its choices (the key in the
+    database's collation, not byte order), in its own transaction."""
+    from psycopg import sql
+
+    with conn.transaction():
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (entity_type text NOT NULL, entity_id text NOT NULL, "
+                "sequence bigint NOT NULL, state text NOT NULL, event_id text, payload jsonb, "
+                "event_ts timestamptz, kafka_topic text, kafka_partition integer, "
+                "kafka_offset bigint, processed_at timestamptz DEFAULT now(), "
+                "PRIMARY KEY (entity_type, entity_id))"
+            ).format(sql.Identifier(table))
+        )
 
 
 def _consumer(bootstrap: str, group: str, topic: str, start_offsets: dict[str, int]) -> Any:

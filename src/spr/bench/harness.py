@@ -533,7 +533,7 @@ def _compare(
             ws.drop_table(table)
             finish(name, entry, {"first_s": first_s, "timeline": timeline})
         elif name in _MERGE_NOTES:
-            table = ws.create_state_table(label)
+            table = ws.create_state_table(label, textbook=name == "plain_merge")
             result = ws.launch(
                 name, label, **common, group=ws.group(label), table=table,
                 offsets_table=ws.offsets_table, total=total, start_offsets=start_offsets,

@@ -160,14 +160,21 @@ class Workspace:
         argv = [sys.executable, "-m", "spr.bench.worker", kind, str(args), str(out)]
         return Child(argv, out, self.tmp / f"{label}.log")
 
-    def create_state_table(self, what: str) -> str:
+    def create_state_table(self, what: str, *, textbook: bool = False) -> str:
+        """A new state table (and the offsets table) for one contender: spr's own, or
+        with ``textbook`` the plain table the textbook merge is measured on."""
         from spr.config import TableMapping
         from spr.sink.postgres import PostgresSink
 
         table = self.table(what)
         mapping = TableMapping(table=table, offsets_table=self.offsets_table)
         with PostgresSink(self.options.dsn, mapping=mapping) as sink:
-            sink.init_schema()
+            if textbook:
+                from spr.bench.ceilings import create_textbook_table
+
+                create_textbook_table(sink.connect(), table)
+            # On the textbook table this only adds the offsets and gaps tables.
+            sink.init_schema(fit_existing_table=textbook)
         return table
 
     def drop_table(self, table: str) -> None:
