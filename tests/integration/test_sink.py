@@ -222,11 +222,15 @@ def test_state_table_compares_keys_bytewise(sink: PostgresSink, pg: Any) -> None
     assert (collations["entity_type"], collations["entity_id"]) == ("C", "C")
     assert collations["state"] == "default"  # only the key is byte-ordered
     # The staging table's identity compares the same way (the merge's sort).
-    staging = sink.connect().execute(
-        "SELECT c.collname::text FROM pg_attribute a JOIN pg_collation c "
-        "ON c.oid = a.attcollation WHERE a.attrelid = to_regclass('pg_temp.spr_staging') "
-        "AND a.attname = 'entity_id'"
-    ).fetchone()
+    staging = (
+        sink.connect()
+        .execute(
+            "SELECT c.collname::text FROM pg_attribute a JOIN pg_collation c "
+            "ON c.oid = a.attcollation WHERE a.attrelid = to_regclass('pg_temp.spr_staging') "
+            "AND a.attname = 'entity_id'"
+        )
+        .fetchone()
+    )
     assert staging == ("C",)
 
 
