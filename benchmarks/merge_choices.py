@@ -42,7 +42,7 @@ from spr.bench.ceilings import create_textbook_table
 from spr.config import TableMapping
 from spr.config.defaults import default_dsn
 from spr.sink.postgres import PostgresSink
-from spr.sink.schema import STAGING_TABLE, TableSchema
+from spr.sink.schema import STAGING_TABLE, TableSchema, staging_columns
 
 BATCH_ROWS = 40_000
 PARTITIONS = 12
@@ -146,11 +146,7 @@ def _statement_rates(dsn: str, statement: str, passes: list[Pass]) -> list[float
     payload = PAYLOAD.decode()
     rates = []
     with psycopg.connect(dsn) as conn:
-        types = sql.SQL(
-            'entity_type text COLLATE "C", entity_id text COLLATE "C", sequence bigint, '
-            "state text, event_id text, payload jsonb, event_ts timestamptz, kafka_topic text, "
-            "kafka_partition integer, kafka_offset bigint"
-        )
+        types = staging_columns()  # spr's own staging layout
         if unlogged:
             conn.execute(sql.SQL("CREATE UNLOGGED TABLE {} ({})").format(
                 sql.Identifier(staging), types))  # fmt: skip

@@ -4,7 +4,9 @@ lanes, one outcome per attempt, a failed lane retried alone, the serious error f
 from __future__ import annotations
 
 from array import array
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import psycopg
 import pytest
@@ -34,7 +36,18 @@ def _batch(partitions: int = 4, per_partition: int = 3) -> Any:
     return batch
 
 
-def _flushing(sinks: list[FakeSink], clock: FakeClock) -> tuple[Flushing, list[Any], FirstFailure]:
+class Rig(NamedTuple):
+    flushing: Flushing
+    sinks: list[FakeSink]
+    committed: list[Any]
+    failure: FirstFailure
+    clock: FakeClock
+
+
+@contextmanager
+def _two_lanes() -> Iterator[Rig]:
+    """A started Flushing over two fake sinks (every batch split); closed afterwards."""
+    clock, sinks = FakeClock(), [FakeSink(), FakeSink()]
     committed: list[Any] = []
     failure = FirstFailure()
     flushing = Flushing(
@@ -44,10 +57,20 @@ def _flushing(sinks: list[FakeSink], clock: FakeClock) -> tuple[Flushing, list[A
         on_committed=lambda job, result, seconds: committed.append(result),
     )
     flushing.start(sinks, None)  # type: ignore[arg-type]
-    return flushing, committed, failure
+    try:
+        yield Rig(flushing, sinks, committed, failure, clock)
+    finally:
+        flushing.close()
 
 
-def _settle(flushing: Flushing, clock: FakeClock) -> None:
+def _pending(batch: Any = None) -> PendingBatch:
+    batch = _batch() if batch is None else batch
+    events = batch.events_added
+    return PendingBatch(batch, events, events, 0, array("q"), array("q"))
+
+
+def _settle(rig: Rig) -> None:
+    flushing, clock = rig.flushing, rig.clock
     for _ in range(400):
         if not flushing.busy:
             return
@@ -70,85 +93,60 @@ def test_a_lane_holds_exactly_its_partitions_rows_and_offsets() -> None:
 
 
 def test_each_lane_flushes_its_share_and_the_job_commits_once_with_all_offsets() -> None:
-    clock = FakeClock()
-    sinks = [FakeSink(), FakeSink()]
-    flushing, committed, _ = _flushing(sinks, clock)
-    try:
-        flushing.submit(PendingBatch(_batch(), 12, 12, 0, array("q"), array("q")))
-        _settle(flushing, clock)
-        assert sinks[0].flushes == [{("t", 0): 3, ("t", 2): 23}]
-        assert sinks[1].flushes == [{("t", 1): 13, ("t", 3): 33}]
-        assert len(committed) == 1
-        result = committed[0]
+    with _two_lanes() as rig:
+        rig.flushing.submit(_pending())
+        _settle(rig)
+        assert rig.sinks[0].flushes == [{("t", 0): 3, ("t", 2): 23}]
+        assert rig.sinks[1].flushes == [{("t", 1): 13, ("t", 3): 33}]
+        assert len(rig.committed) == 1
+        result = rig.committed[0]
         assert (result.rows, result.applied, result.stale) == (12, 12, 0)
         assert result.offsets == {("t", 0): 3, ("t", 1): 13, ("t", 2): 23, ("t", 3): 33}
-    finally:
-        flushing.close()
 
 
 def test_a_lane_with_nothing_to_do_opens_no_transaction() -> None:
-    clock = FakeClock()
-    sinks = [FakeSink(), FakeSink()]
-    flushing, committed, _ = _flushing(sinks, clock)
-    try:
-        batch = _batch(partitions=1)  # partition 0 only: lane 1 has nothing
-        flushing.submit(PendingBatch(batch, 3, 3, 0, array("q"), array("q")))
-        _settle(flushing, clock)
-        assert sinks[0].flushes == [{("t", 0): 3}] and sinks[1].flushes == []
-        assert committed[0].offsets == {("t", 0): 3}
-    finally:
-        flushing.close()
+    with _two_lanes() as rig:
+        rig.flushing.submit(_pending(_batch(partitions=1)))  # partition 0 only: lane 1 idle
+        _settle(rig)
+        assert rig.sinks[0].flushes == [{("t", 0): 3}] and rig.sinks[1].flushes == []
+        assert rig.committed[0].offsets == {("t", 0): 3}
 
 
 def test_a_failed_lane_is_retried_alone() -> None:
-    clock = FakeClock()
-    sinks = [FakeSink(), FakeSink()]
-    sinks[1].fail = psycopg.OperationalError("connection lost")
-    flushing, committed, failure = _flushing(sinks, clock)
-    try:
-        flushing.submit(PendingBatch(_batch(), 12, 12, 0, array("q"), array("q")))
+    with _two_lanes() as rig:
+        flushing, sinks, committed = rig.flushing, rig.sinks, rig.committed
+        sinks[1].fail = psycopg.OperationalError("connection lost")
+        flushing.submit(_pending())
         flushing.await_outcome(10.0)  # lane 0 committed, lane 1 failed: a retry
         assert committed == [] and flushing.busy and flushing.flush_retries == 1
         assert len(sinks[0].flushes) == 1 and sinks[1].flushes == []
         sinks[1].fail = None
-        _settle(flushing, clock)
+        _settle(rig)
         assert len(sinks[0].flushes) == 1  # its share was never written again
         assert sinks[1].flushes == [{("t", 1): 13, ("t", 3): 33}]
         assert len(committed) == 1 and committed[0].applied == 12
-        assert len(committed[0].offsets) == 4 and not failure.failed
-    finally:
-        flushing.close()
+        assert len(committed[0].offsets) == 4 and not rig.failure.failed
 
 
 def test_a_fatal_error_in_one_lane_is_not_hidden_by_a_transient_one_in_another() -> None:
-    clock = FakeClock()
-    sinks = [FakeSink(), FakeSink()]
-    sinks[0].fail = psycopg.OperationalError("connection lost")
-    sinks[1].fail = SprError("the table rejects every row")
-    flushing, committed, failure = _flushing(sinks, clock)
-    try:
-        flushing.submit(PendingBatch(_batch(), 12, 12, 0, array("q"), array("q")))
-        flushing.await_outcome(10.0)
-        assert committed == [] and failure.failed
+    with _two_lanes() as rig:
+        rig.sinks[0].fail = psycopg.OperationalError("connection lost")
+        rig.sinks[1].fail = SprError("the table rejects every row")
+        rig.flushing.submit(_pending())
+        rig.flushing.await_outcome(10.0)
+        assert rig.committed == [] and rig.failure.failed
         with pytest.raises(SprError, match="rejects every row"):
-            failure.raise_if_failed()
-    finally:
-        flushing.close()
+            rig.failure.raise_if_failed()
 
 
 def test_a_batch_below_the_split_size_goes_whole_over_one_connection() -> None:
-    clock = FakeClock()
-    sinks = [FakeSink(), FakeSink()]
-    flushing, committed, _ = _flushing(sinks, clock)
-    assert flushing.lanes is not None
-    flushing.lanes.split_rows = 13
-    try:
-        flushing.submit(PendingBatch(_batch(), 12, 12, 0, array("q"), array("q")))
-        _settle(flushing, clock)
-        assert sinks[0].flushes == [{("t", p): 10 * p + 3 for p in range(4)}]
-        assert sinks[1].flushes == [] and committed[0].rows == 12
-    finally:
-        flushing.close()
+    with _two_lanes() as rig:
+        assert rig.flushing.lanes is not None
+        rig.flushing.lanes.split_rows = 13
+        rig.flushing.submit(_pending())
+        _settle(rig)
+        assert rig.sinks[0].flushes == [{("t", p): 10 * p + 3 for p in range(4)}]
+        assert rig.sinks[1].flushes == [] and rig.committed[0].rows == 12
 
 
 def _collapsed_batch() -> Any:
@@ -163,22 +161,18 @@ def _collapsed_batch() -> Any:
 
 
 def test_a_batch_that_collapsed_well_goes_whole_over_one_connection() -> None:
-    clock = FakeClock()
-    sinks = [FakeSink(), FakeSink()]
-    flushing, committed, _ = _flushing(sinks, clock)
-    assert flushing.lanes is not None
-    try:
-        flushing.lanes.split_rows_per_event = 0.6  # 0.5 rows per event: whole
-        flushing.submit(PendingBatch(_collapsed_batch(), 24, 24, 0, array("q"), array("q")))
-        _settle(flushing, clock)
+    with _two_lanes() as rig:
+        lanes, sinks = rig.flushing.lanes, rig.sinks
+        assert lanes is not None
+        lanes.split_rows_per_event = 0.6  # 0.5 rows per event: whole
+        rig.flushing.submit(_pending(_collapsed_batch()))
+        _settle(rig)
         assert len(sinks[0].flushes) == 1 and sinks[1].flushes == []
-        flushing.lanes.split_rows_per_event = 0.5  # at the threshold: split
-        flushing.submit(PendingBatch(_collapsed_batch(), 24, 24, 0, array("q"), array("q")))
-        _settle(flushing, clock)
+        lanes.split_rows_per_event = 0.5  # at the threshold: split
+        rig.flushing.submit(_pending(_collapsed_batch()))
+        _settle(rig)
         assert len(sinks[0].flushes) == 2 and len(sinks[1].flushes) == 1
-        assert len(committed) == 2
-    finally:
-        flushing.close()
+        assert len(rig.committed) == 2
 
 
 def test_combine_sums_the_parts() -> None:

@@ -42,7 +42,7 @@ from spr.sink.outcome import (
     lost_commits_error,
     lost_offsets,
 )
-from spr.sink.schema import STAGING_TABLE, TableSchema, column_type
+from spr.sink.schema import STAGING_TABLE, TableSchema, staging_columns
 
 if TYPE_CHECKING:
     from spr.config import EngineConfig
@@ -556,16 +556,9 @@ class PostgresSink:
 def _create_staging(conn: psycopg.Connection[Any]) -> None:
     # The staging table lives as long as the connection; ON COMMIT DELETE ROWS
     # empties it after every flush, and a rollback discards it too.
-    # The entity's identity compares in byte order, so that the merge's ORDER BY on the
-    # key is a cheap sort (every mapping's key holds entity_id).
-    identity = {"entity_type", "entity_id"}
-    columns = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(sql.Identifier(c), column_type(c, key=c in identity))
-        for c in STATE_COLUMNS
-    )
     conn.execute(
         sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
-            sql.Identifier(STAGING_TABLE), columns
+            sql.Identifier(STAGING_TABLE), staging_columns()
         )
     )
 

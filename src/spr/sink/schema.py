@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from spr._event import COLUMN_TYPES
+from spr._event import COLUMN_TYPES, STATE_COLUMNS
 from spr.config import TableMapping
 from spr.config.mapping import MAX_NAME_BYTES, TableName
 from spr.errors import ConfigError
@@ -28,6 +28,7 @@ __all__ = [
     "existing_table",
     "identifier",
     "qualified",
+    "staging_columns",
 ]
 
 #: The per-connection temporary table a flush COPYs into (``ON COMMIT DELETE ROWS``).
@@ -166,6 +167,17 @@ def column_type(source: str, *, key: bool) -> sql.Composable:
     if key and kind == "text":
         return sql.SQL("{} COLLATE {}").format(sql.SQL(kind), sql.Identifier(KEY_COLLATION))
     return sql.SQL(kind)
+
+
+def staging_columns() -> sql.Composed:
+    """The staging table's column definitions: every field of :data:`STATE_COLUMNS`,
+    the entity's identity in byte order, so that the merge's ``ORDER BY`` on the key
+    (every mapping's key holds ``entity_id``) is a cheap sort."""
+    identity = {"entity_type", "entity_id"}
+    return sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(c), column_type(c, key=c in identity))
+        for c in STATE_COLUMNS
+    )
 
 
 class TableSchema:
